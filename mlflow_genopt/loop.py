@@ -1,0 +1,295 @@
+"""The learning loop: sample a batch, run trials, build the context, propose, validate,
+evaluate, accept or reject, checkpoint; at the end, score the selected version on test once.
+
+Guarantees
+----------
+* Seeded: with the same config, task and LLM answers, two runs sample the same batches, send
+  byte-identical learning contexts and make the same decisions (so the response cache can
+  replay a whole loop with no LLM call).
+* Never adopts an invalid proposal: a proposal that does not parse, breaks a parameter's
+  constraints or changes nothing is counted (``invalid_total``), reported with its reason in the
+  step record, and the loop goes on with the current version.
+* Checkpoint selection: the selected version is the adopted version (the starting one
+  included) with the highest validation score; ties keep the earlier version.
+* The test split is evaluated once, for the selected version only, after the last step.
+* Listeners see every event in the order documented in :mod:`mlflow_genopt.events`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .artifact import ArtifactSpec, ArtifactVersion
+from .config import ConfigError, LoopConfig
+from .events import (
+    LoopCallback,
+    LoopResult,
+    LoopStart,
+    StepRecord,
+    StopLoop,
+    VersionRecord,
+    dispatch,
+)
+from .llm.base import LLMCall
+from .optimizer import MemoryEntry, Optimizer
+from .task import Example, Task, Trial, mean_score
+
+
+@dataclass
+class UsageMeter(LoopCallback):
+    """Thread-safe LLM usage counters: per step (reset by the loop) and for the whole loop."""
+
+    step: dict[str, float] = field(default_factory=dict)
+    total: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    KEYS = ("prompt_tokens", "completion_tokens", "cost_usd", "llm_calls", "cached_calls",
+            "optimizer_latency_s", "llm_errors")
+
+    def __post_init__(self) -> None:
+        self.step = dict.fromkeys(self.KEYS, 0.0)
+        self.total = dict.fromkeys(self.KEYS, 0.0)
+
+    def on_llm_call(self, call: LLMCall) -> None:
+        c = call.completion
+        delta = dict.fromkeys(self.KEYS, 0.0)
+        if c is None:
+            delta["llm_errors"] = 1
+        else:
+            delta["llm_calls"] = 1
+            delta["cached_calls"] = 1 if c.cached else 0
+            if not c.cached:
+                delta["prompt_tokens"] = c.prompt_tokens
+                delta["completion_tokens"] = c.completion_tokens
+                delta["cost_usd"] = c.cost_usd or 0.0
+            if call.purpose == "optimizer":
+                delta["optimizer_latency_s"] = (call.end_time_ns - call.start_time_ns) / 1e9
+        with self._lock:
+            for key, value in delta.items():
+                self.step[key] += value
+                self.total[key] += value
+
+    def reset_step(self) -> None:
+        with self._lock:
+            self.step = dict.fromkeys(self.KEYS, 0.0)
+
+
+def _digest(trials: Sequence[Trial], limit: int = 3) -> str:
+    wrong = [t for t in trials if t.score < 1.0] or list(trials)
+    return " | ".join(t.feedback.strip().replace("\n", " ")[:200] for t in wrong[:limit])
+
+
+class LearningLoop:
+    """One learning loop over ``task`` with the design choices of ``config``.
+
+    ``optimizer`` wraps the optimizer LLM; ``usage`` (optional) is the meter that the LLM
+    wrappers report to, so that per-step token counts land in step records.
+    """
+
+    def __init__(
+        self,
+        config: LoopConfig,
+        task: Task,
+        optimizer: Optimizer,
+        initial_values: dict[str, str] | None = None,
+        *,
+        spec: ArtifactSpec | None = None,
+        callbacks: Sequence[LoopCallback] = (),
+        usage: UsageMeter | None = None,
+    ) -> None:
+        self.config = config
+        self.task = task
+        self.optimizer = optimizer
+        try:
+            self.spec = (spec or task.spec).with_trainable(config.trainable)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.spec.trainable:
+            raise ConfigError("trainable: the starting artifact has no trainable parameter")
+        values = dict(initial_values) if initial_values is not None else None
+        if values is None or set(values) != set(self.spec.names):
+            raise ConfigError(
+                f"init: starting values must give exactly the parameters {list(self.spec.names)}"
+            )
+        self.initial = ArtifactVersion(values=values, step=0)
+        self.callbacks = list(callbacks)
+        self.usage = usage or UsageMeter()
+        if self.usage not in self.callbacks:
+            self.callbacks.insert(0, self.usage)
+
+    def _emit(self, method: str, *args) -> None:
+        dispatch(self.callbacks, method, *args)
+
+    def _evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]:
+        trials = self.task.evaluate(version, examples)
+        if len(trials) != len(examples):
+            raise RuntimeError(
+                f"task {self.task.name}: evaluate returned {len(trials)} trials for "
+                f"{len(examples)} examples"
+            )
+        return trials
+
+    def _budget_exhausted(self, started: float) -> str | None:
+        c, total = self.config, self.usage.total
+        if c.max_tokens is not None and total["prompt_tokens"] + total["completion_tokens"] >= c.max_tokens:
+            return "budget: max_tokens"
+        if c.max_cost_usd is not None and total["cost_usd"] >= c.max_cost_usd:
+            return "budget: max_cost_usd"
+        if c.max_wall_time_s is not None and time.monotonic() - started >= c.max_wall_time_s:
+            return "budget: max_wall_time_s"
+        return None
+
+    def run(self) -> LoopResult:
+        config = self.config
+        started = time.monotonic()
+        rng = random.Random(config.seed)
+        train = list(self.task.examples("train"))
+        val = list(self.task.examples("val"))
+        if not train:
+            raise ConfigError(f"task {self.task.name}: the train split is empty")
+
+        self._emit("on_loop_start", LoopStart(config, self.task.name, self.task.objective,
+                                              self.spec, self.initial))
+        current = self.initial
+        current_val = mean_score(self._evaluate(current, val)) if val else 0.0
+        initial_record = VersionRecord(current, "initial", None, current_val)
+        versions: list[VersionRecord] = [initial_record]
+        self._emit("on_version", initial_record)
+
+        best, best_val = current, current_val
+        memory: deque[MemoryEntry] = deque(maxlen=max(config.memory_size, 1))
+        steps: list[StepRecord] = []
+        invalid_total = 0
+        stop_reason = "completed"
+
+        for step in range(1, config.steps + 1):
+            reason = self._budget_exhausted(started)
+            if reason:
+                stop_reason = reason
+                break
+            step_start = time.monotonic()
+            self.usage.reset_step()
+            batch = rng.sample(train, min(config.batch_size, len(train)))
+            eval_time = 0.0
+
+            t = time.monotonic()
+            trials = self._evaluate(current, batch)
+            eval_time += time.monotonic() - t
+            batch_score = mean_score(trials)
+
+            context = self.optimizer.build_context(
+                self.task.objective, self.spec, current, trials,
+                list(memory) if config.memory_size else [],
+            )
+            proposal = self.optimizer.propose(
+                context, self.spec, current, seed=config.seed * 100_003 + step
+            )
+
+            candidate: ArtifactVersion | None = None
+            candidate_trials: list[Trial] = []
+            candidate_batch: float | None = None
+            val_score: float | None = None
+            accepted = False
+            if not proposal.valid:
+                invalid_total += 1
+                memory.append(MemoryEntry(
+                    f"(invalid proposal at step {step})", step, "invalid", None, None, {}, "",
+                    note=f"Rejected without evaluation: {proposal.invalid_reason}",
+                ))
+            else:
+                candidate = current.child(proposal.values, step)
+                t = time.monotonic()
+                candidate_trials = self._evaluate(candidate, batch)
+                candidate_batch = mean_score(candidate_trials)
+                accepted = _accept(config.acceptance, candidate_batch, batch_score)
+                if accepted:
+                    val_score = mean_score(self._evaluate(candidate, val)) if val else candidate_batch
+                eval_time += time.monotonic() - t
+                record = VersionRecord(candidate, "accepted" if accepted else "rejected",
+                                       candidate_batch, val_score, proposal.reasoning)
+                versions.append(record)
+                self._emit("on_version", record)
+                previous = current
+                memory.append(MemoryEntry(
+                    candidate.version_id, step, record.status, candidate_batch, val_score,
+                    {} if accepted else dict(proposal.values),
+                    _digest(candidate_trials),
+                    note="" if accepted else f"Rejected: batch score {candidate_batch:.4g} vs "
+                                             f"{batch_score:.4g} of {previous.version_id}.",
+                ))
+                if accepted:
+                    current, current_val = candidate, val_score
+                    if val_score > best_val:
+                        best, best_val = candidate, val_score
+
+            usage = self.usage.step
+            step_record = StepRecord(
+                step=step,
+                batch_ids=tuple(e.id for e in batch),
+                current_id=(candidate.parent_id if candidate is not None else current.version_id),
+                batch_score=batch_score,
+                trials=tuple(trials),
+                context=tuple(context),
+                raw_response=proposal.raw,
+                proposal=dict(proposal.values) if proposal.values is not None else None,
+                reasoning=proposal.reasoning,
+                invalid_reason=proposal.invalid_reason,
+                candidate_id=candidate.version_id if candidate is not None else None,
+                candidate_batch_score=candidate_batch,
+                candidate_trials=tuple(candidate_trials),
+                val_score=val_score,
+                accepted=accepted,
+                best_id=best.version_id,
+                best_val_score=best_val,
+                invalid_total=invalid_total,
+                prompt_tokens=int(usage["prompt_tokens"]),
+                completion_tokens=int(usage["completion_tokens"]),
+                cost_usd=usage["cost_usd"],
+                llm_latency_s=usage["optimizer_latency_s"],
+                llm_calls=int(usage["llm_calls"]),
+                cached_calls=int(usage["cached_calls"]),
+                eval_time_s=eval_time,
+                wall_time_s=time.monotonic() - step_start,
+            )
+            steps.append(step_record)
+            try:
+                self._emit("on_step", step_record)
+            except StopLoop as stop:
+                stop_reason = stop.reason
+                break
+
+        test = list(self.task.examples("test"))
+        test_trials = self._evaluate(best, test) if test else []
+        totals = dict(self.usage.total)
+        totals.update(
+            steps_run=len(steps),
+            invalid_proposals=invalid_total,
+            accepted_proposals=sum(s.accepted for s in steps),
+            wall_time_s=time.monotonic() - started,
+        )
+        result = LoopResult(
+            config=config,
+            selected=best,
+            best_val_score=best_val,
+            test_score=mean_score(test_trials) if test_trials else None,
+            test_trials=tuple(test_trials),
+            steps=tuple(steps),
+            versions=tuple(versions),
+            stop_reason=stop_reason,
+            totals=totals,
+        )
+        self._emit("on_loop_end", result)
+        return result
+
+
+def _accept(rule: str, candidate: float, current: float) -> bool:
+    if rule == "always":
+        return True
+    if rule == "improve":
+        return candidate > current
+    return candidate >= current  # no_worse
