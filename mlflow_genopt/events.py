@@ -117,6 +117,7 @@ class LoopResult:
     versions: tuple[VersionRecord, ...]
     stop_reason: str
     totals: Mapping[str, float] = field(default_factory=dict)
+    export_dir: str | None = None  # files the task exported for the selected version
 
 
 class LoopCallback:

@@ -18,10 +18,12 @@ Guarantees
 from __future__ import annotations
 
 import random
+import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from .artifact import ArtifactSpec, ArtifactVersion
@@ -37,7 +39,7 @@ from .events import (
 )
 from .llm.base import LLMCall
 from .optimizer import MemoryEntry, Optimizer
-from .task import Example, Task, Trial, mean_score
+from .task import Example, ExportingTask, Task, Trial, mean_score
 
 
 @dataclass
@@ -265,6 +267,10 @@ class LearningLoop:
 
         test = list(self.task.examples("test"))
         test_trials = self._evaluate(best, test) if test else []
+        export_dir = None
+        if isinstance(self.task, ExportingTask):
+            export_dir = tempfile.mkdtemp(prefix="genopt-export-")
+            self.task.export(best, Path(export_dir))
         totals = dict(self.usage.total)
         totals.update(
             steps_run=len(steps),
@@ -282,6 +288,7 @@ class LearningLoop:
             versions=tuple(versions),
             stop_reason=stop_reason,
             totals=totals,
+            export_dir=export_dir,
         )
         self._emit("on_loop_end", result)
         return result

@@ -9,6 +9,7 @@ case study passes through this interface.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from .artifact import ArtifactSpec, ArtifactVersion
@@ -99,6 +100,20 @@ class Task(Protocol):
     def evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ExportingTask(Task, Protocol):
+    """A task that can also write deliverables of the selected version.
+
+    ``export(version, directory)`` is called once, after the test evaluation, for the selected
+    version only. It writes files into ``directory`` (e.g. ``submission.csv``; an MLflow model
+    saved with its own flavor under ``model/``, whose ``MLmodel`` file tracking recognises).
+    Generated code still runs only in the sandbox; the task must not raise because the
+    artifact misbehaves (write nothing, or an ``export_error.txt``, instead).
+    """
+
+    def export(self, version: ArtifactVersion, directory: Path) -> None: ...
 
 
 def mean_score(trials: Sequence[Trial]) -> float:
