@@ -34,6 +34,7 @@ class Parameter:
     trainable: bool = True
     function_name: str | None = None
     placeholders: tuple[str, ...] = ()
+    max_chars: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -42,21 +43,29 @@ class Parameter:
             raise ValueError(f"parameter {self.name!r}: kind {self.kind!r}; allowed: code, prompt")
 
     @property
+    def length_limit(self) -> int:
+        """Most characters a proposed value may have (``max_chars``, else a per-kind default).
+        It is also put in the answer's JSON schema so that constrained decoding terminates."""
+        return self.max_chars or (6000 if self.kind == "code" else 1500)
+
+    @property
     def expected_function(self) -> str | None:
         return (self.function_name or self.name) if self.kind == "code" else None
 
     def constraints(self) -> str:
         """Human-readable constraints, as shown to the optimizer."""
+        limit = f" At most {self.length_limit} characters."
         if self.kind == "code":
             return (
                 f"Python source that defines a function named `{self.expected_function}` "
                 "with the same signature; standard library and already-imported modules only."
+                + limit
             )
         if self.placeholders:
             return "Prompt text that must keep these placeholders verbatim: " + ", ".join(
                 self.placeholders
-            )
-        return "Prompt text."
+            ) + "." + limit
+        return "Prompt text." + limit
 
 
 @dataclass(frozen=True)

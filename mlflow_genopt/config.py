@@ -84,7 +84,7 @@ class LoopConfig:
     """
 
     project: str = "bbeh"
-    task: str = "generated_arithmetic"
+    task: str = "generated_boolean"
     init: str = "prompt_only"
     trainable: tuple[str, ...] | None = None
     steps: int = 5

@@ -20,7 +20,7 @@ from .artifact import ArtifactSpec, ArtifactVersion, Parameter
 from .llm.base import LLM, Completion
 from .task import Trial, TraceStep
 
-MAX_VALUE_CHARS = 20_000
+REASONING_CHARS = 600
 
 SYSTEM_PROMPT = (
     "You are an optimizer. You improve the trainable parameters of a system (code or prompts) "
@@ -64,9 +64,10 @@ class Proposal:
 
 def proposal_schema(spec: ArtifactSpec) -> dict[str, Any]:
     """JSON schema of an answer: ``reasoning`` plus one string per trainable parameter."""
-    properties: dict[str, Any] = {"reasoning": {"type": "string"}}
+    properties: dict[str, Any] = {"reasoning": {"type": "string", "maxLength": REASONING_CHARS}}
     for parameter in spec.trainable:
-        properties[parameter.name] = {"type": "string"}
+        properties[parameter.name] = {"type": "string", "minLength": 1,
+                                      "maxLength": parameter.length_limit}
     return {
         "type": "object",
         "properties": properties,
@@ -236,8 +237,9 @@ def validate_value(parameter: Parameter, value: Any) -> str:
     value = strip_fences(value).strip("\n")
     if not value.strip():
         raise InvalidProposal(f"{parameter.name}: empty value")
-    if len(value) > MAX_VALUE_CHARS:
-        raise InvalidProposal(f"{parameter.name}: {len(value)} characters, limit {MAX_VALUE_CHARS}")
+    if len(value) > parameter.length_limit:
+        raise InvalidProposal(
+            f"{parameter.name}: {len(value)} characters, limit {parameter.length_limit}")
     if parameter.kind == "code":
         try:
             tree = ast.parse(value)
