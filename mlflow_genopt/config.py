@@ -81,6 +81,11 @@ class LoopConfig:
         ``memory_size`` past versions (with their scores and feedback) are shown to the optimizer;
         ``acceptance`` decides whether a valid proposal replaces the current version: ``always``,
         ``improve`` (its batch score must beat the current one), or ``no_worse`` (ties accepted).
+    Recovery and stopping
+        ``revert_ratio``: when the current version's validation score stays below
+        ``revert_ratio * best`` for more than ``revert_patience`` consecutive steps, the loop
+        goes back to the best version (the Atari study used 0.8 and 5). ``target_score``: stop
+        early once the best validation score reaches it.
     """
 
     project: str = "bbeh"
@@ -93,6 +98,9 @@ class LoopConfig:
     update_every: int | None = None
     memory_size: int = 3
     acceptance: str = "improve"
+    revert_ratio: float | None = None
+    revert_patience: int = 5
+    target_score: float | None = None
     optimizer_model: str = "smollm2"
     optimizer_temperature: float = 0.7
     optimizer_max_tokens: int = 768
@@ -127,6 +135,9 @@ class LoopConfig:
         set_("update_every", _int("update_every", self.update_every, 1, optional=True))
         set_("memory_size", _int("memory_size", self.memory_size, 0))
         set_("acceptance", _choice("acceptance", self.acceptance, ACCEPTANCE_RULES))
+        set_("revert_ratio", _float("revert_ratio", self.revert_ratio, 0, 1, optional=True))
+        set_("revert_patience", _int("revert_patience", self.revert_patience, 0))
+        set_("target_score", _float("target_score", self.target_score, -1e12, 1e12, optional=True))
         set_("optimizer_model", _name("optimizer_model", self.optimizer_model))
         set_("optimizer_temperature", _float("optimizer_temperature", self.optimizer_temperature, 0, 2))
         set_("optimizer_max_tokens", _int("optimizer_max_tokens", self.optimizer_max_tokens, 16))

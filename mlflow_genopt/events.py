@@ -54,6 +54,7 @@ class VersionRecord:
     batch_score: float | None
     val_score: float | None
     reasoning: str = ""
+    val_metrics: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,7 @@ class VersionRecord:
             "status": self.status,
             "batch_score": self.batch_score,
             "val_score": self.val_score,
+            "val_metrics": dict(self.val_metrics),
             "reasoning": self.reasoning,
         }
 
@@ -95,6 +97,8 @@ class StepRecord:
     cached_calls: int
     eval_time_s: float
     wall_time_s: float
+    val_metrics: Mapping[str, float] = field(default_factory=dict)
+    note: str = ""  # loop decisions beyond accept/reject, e.g. a revert to the best version
 
     @property
     def valid(self) -> bool:

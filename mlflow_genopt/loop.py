@@ -39,7 +39,7 @@ from .events import (
 )
 from .llm.base import LLMCall
 from .optimizer import MemoryEntry, Optimizer
-from .task import Example, ExportingTask, Task, Trial, mean_score
+from .task import Example, ExportingTask, Task, Trial, mean_score, summarize
 
 
 @dataclass
@@ -136,6 +136,12 @@ class LearningLoop:
             )
         return trials
 
+    def _validate(self, version: ArtifactVersion, val: Sequence[Example]):
+        if not val:
+            return 0.0, {}
+        trials = self._evaluate(version, val)
+        return mean_score(trials), summarize(trials)
+
     def _budget_exhausted(self, started: float) -> str | None:
         c, total = self.config, self.usage.total
         if c.max_tokens is not None and total["prompt_tokens"] + total["completion_tokens"] >= c.max_tokens:
@@ -158,8 +164,9 @@ class LearningLoop:
         self._emit("on_loop_start", LoopStart(config, self.task.name, self.task.objective,
                                               self.spec, self.initial))
         current = self.initial
-        current_val = mean_score(self._evaluate(current, val)) if val else 0.0
-        initial_record = VersionRecord(current, "initial", None, current_val)
+        current_val, initial_metrics = self._validate(current, val)
+        initial_record = VersionRecord(current, "initial", None, current_val,
+                                       val_metrics=initial_metrics)
         versions: list[VersionRecord] = [initial_record]
         self._emit("on_version", initial_record)
 
@@ -167,6 +174,7 @@ class LearningLoop:
         memory: deque[MemoryEntry] = deque(maxlen=max(config.memory_size, 1))
         steps: list[StepRecord] = []
         invalid_total = 0
+        steps_below_best = 0
         stop_reason = "completed"
 
         for step in range(1, config.steps + 1):
@@ -176,6 +184,7 @@ class LearningLoop:
                 break
             step_start = time.monotonic()
             self.usage.reset_step()
+            current_id = current.version_id
             batch = rng.sample(train, min(config.batch_size, len(train)))
             eval_time = 0.0
 
@@ -196,6 +205,8 @@ class LearningLoop:
             candidate_trials: list[Trial] = []
             candidate_batch: float | None = None
             val_score: float | None = None
+            val_metrics: dict[str, float] = {}
+            note = ""
             accepted = False
             if not proposal.valid:
                 invalid_total += 1
@@ -210,10 +221,14 @@ class LearningLoop:
                 candidate_batch = mean_score(candidate_trials)
                 accepted = _accept(config.acceptance, candidate_batch, batch_score)
                 if accepted:
-                    val_score = mean_score(self._evaluate(candidate, val)) if val else candidate_batch
+                    if val:
+                        val_score, val_metrics = self._validate(candidate, val)
+                    else:
+                        val_score = candidate_batch
                 eval_time += time.monotonic() - t
                 record = VersionRecord(candidate, "accepted" if accepted else "rejected",
-                                       candidate_batch, val_score, proposal.reasoning)
+                                       candidate_batch, val_score, proposal.reasoning,
+                                       val_metrics=val_metrics)
                 versions.append(record)
                 self._emit("on_version", record)
                 previous = current
@@ -229,11 +244,20 @@ class LearningLoop:
                     if val_score > best_val:
                         best, best_val = candidate, val_score
 
+            if config.revert_ratio is not None:
+                threshold = best_val - (1 - config.revert_ratio) * abs(best_val)
+                below = current is not best and current_val < threshold
+                steps_below_best = steps_below_best + 1 if below else 0
+                if steps_below_best > config.revert_patience:
+                    note = (f"reverted to {best.version_id}: val score below {threshold:.4g} for "
+                            f"{steps_below_best} steps")
+                    current, current_val, steps_below_best = best, best_val, 0
+
             usage = self.usage.step
             step_record = StepRecord(
                 step=step,
                 batch_ids=tuple(e.id for e in batch),
-                current_id=(candidate.parent_id if candidate is not None else current.version_id),
+                current_id=current_id,
                 batch_score=batch_score,
                 trials=tuple(trials),
                 context=tuple(context),
@@ -257,12 +281,17 @@ class LearningLoop:
                 cached_calls=int(usage["cached_calls"]),
                 eval_time_s=eval_time,
                 wall_time_s=time.monotonic() - step_start,
+                val_metrics=val_metrics,
+                note=note,
             )
             steps.append(step_record)
             try:
                 self._emit("on_step", step_record)
             except StopLoop as stop:
                 stop_reason = stop.reason
+                break
+            if config.target_score is not None and best_val >= config.target_score:
+                stop_reason = "target_score reached"
                 break
 
         test = list(self.task.examples("test"))

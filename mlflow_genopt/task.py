@@ -44,7 +44,9 @@ class Trial:
     ``score`` is higher-is-better and finite (a failed run scores the task's worst value, it does
     not raise). ``feedback`` is the text the optimizer sees about this trial. ``error`` holds a
     short description when the run itself failed (exception, timeout, bad output); such a trial
-    still has a score and feedback. ``trace`` is empty for single-step tasks.
+    still has a score and feedback. ``trace`` is empty for single-step tasks. ``metrics`` holds
+    task-specific numbers (e.g. ``accuracy``, ``f1``, ``episode_return``); the loop averages them
+    over the validation split and tracking logs them as ``val_<name>``.
     """
 
     example_id: str
@@ -55,6 +57,7 @@ class Trial:
     trace: tuple[TraceStep, ...] = ()
     error: str | None = None
     usage: Mapping[str, float] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,3 +122,15 @@ class ExportingTask(Task, Protocol):
 def mean_score(trials: Sequence[Trial]) -> float:
     """Mean trial score; an empty batch scores 0.0 so that metrics stay finite."""
     return sum(t.score for t in trials) / len(trials) if trials else 0.0
+
+
+def summarize(trials: Sequence[Trial]) -> dict[str, float]:
+    """``score_std`` plus the mean of every task metric that all trials report."""
+    if not trials:
+        return {}
+    mean = mean_score(trials)
+    summary = {"score_std": (sum((t.score - mean) ** 2 for t in trials) / len(trials)) ** 0.5}
+    shared = set.intersection(*(set(t.metrics) for t in trials))
+    for name in sorted(shared):
+        summary[name] = sum(float(t.metrics[name]) for t in trials) / len(trials)
+    return summary

@@ -241,6 +241,10 @@ class MlflowTracker(LoopCallback):
         thread-local active run is not visible).
     asynchronous:
         Write on a background thread (default). ``False`` writes inline and raises on failure.
+    run_id:
+        Log into this existing run instead of creating one. ``None`` (and not nested): the run
+        named by ``$MLFLOW_RUN_ID`` if set, which is how ``mlflow run`` hands its run to the
+        entry point's command.
     """
 
     def __init__(
@@ -254,6 +258,7 @@ class MlflowTracker(LoopCallback):
         tags: Mapping[str, str] | None = None,
         parent_run_id: str | None = None,
         asynchronous: bool = True,
+        run_id: str | None = None,
     ):
         if not isinstance(experiment, str) or not experiment.strip():
             raise ValueError(f"experiment: must be a non-empty name, got {experiment!r}")
@@ -267,6 +272,7 @@ class MlflowTracker(LoopCallback):
         self.tags = dict(tags or {})
         self.parent_run_id = parent_run_id
         self.asynchronous = asynchronous
+        self.attach_run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
 
         self._client: MlflowClient | None = None
         self._run_id: str | None = None
@@ -346,7 +352,11 @@ class MlflowTracker(LoopCallback):
             )
         mlflow.set_tracking_uri(uri)
         self._client = client = MlflowClient(uri)
-        self._experiment_id = self._get_or_create_experiment(client, uri)
+        attached = client.get_run(self.attach_run_id) if self.attach_run_id else None
+        self._experiment_id = (
+            attached.info.experiment_id if attached
+            else self._get_or_create_experiment(client, uri)
+        )
         config = start.config
         self._config = config
         self._task_name = start.task_name
@@ -375,9 +385,16 @@ class MlflowTracker(LoopCallback):
         name = self.run_name or (
             f"{config.task}-{config.init}-b{config.batch_size}-s{config.seed}"
         )
-        run = client.create_run(self._experiment_id, run_name=name, tags=tags)
-        self._run_id = run.info.run_id
-        items = [Param(k, v) for k, v in params.items()]
+        if attached is not None:
+            self._run_id = attached.info.run_id
+            client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            # the launcher (e.g. `mlflow run`) may already have logged some params verbatim
+            params_to_log = {k: v for k, v in params.items() if k not in attached.data.params}
+        else:
+            run = client.create_run(self._experiment_id, run_name=name, tags=tags)
+            self._run_id = run.info.run_id
+            params_to_log = params
+        items = [Param(k, v) for k, v in params_to_log.items()]
         try:
             for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
                 client.log_batch(self._run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
@@ -557,6 +574,7 @@ class MlflowTracker(LoopCallback):
         self._client.log_outputs(self._run_id, [LoggedModelOutput(model.model_id, version.step)])
         self._write_files(files, f"versions/{version_id}", model_id=model.model_id)
         metrics = {"val_score": record.val_score}
+        metrics.update({f"val_{k}": v for k, v in record.val_metrics.items()})
         if record.batch_score is not None:
             metrics["candidate_batch_score"] = record.batch_score
         # Written with the step's own metrics (or at the loop's end), in one call.
@@ -600,6 +618,9 @@ class MlflowTracker(LoopCallback):
         logged = self._version_metrics.get(record.candidate_id or "", {})
         if record.val_score is not None and logged.get("val_score") != record.val_score:
             metrics["val_score"] = record.val_score
+            metrics.update({f"val_{k}": v for k, v in record.val_metrics.items()})
+        if record.note:
+            metrics["reverted"] = 1
         if (
             record.candidate_batch_score is not None
             and logged.get("candidate_batch_score") != record.candidate_batch_score
@@ -617,6 +638,7 @@ class MlflowTracker(LoopCallback):
             "reasoning": record.reasoning,
             "invalid_reason": record.invalid_reason,
             "accepted": record.accepted,
+            "note": record.note,
         }
         files = {
             "context.json": _dumps([dict(m) for m in record.context], indent=2),

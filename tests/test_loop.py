@@ -253,3 +253,29 @@ def test_config_round_trips_through_mlflow_params_and_yaml(tmp_path):
 def test_unknown_trainable_parameter_is_a_config_error():
     with pytest.raises(ConfigError, match=r"trainable: unknown parameter\(s\) \['nope'\]"):
         make_loop([answer("x")], trainable=("nope",))
+
+
+def test_revert_to_best_after_patience_steps_below_the_ratio():
+    # val words: india juliet kilo lima; "always" adopts the bad rewrites
+    loop, _, _ = make_loop(
+        [answer("india juliet kilo lima"), answer("x1"), answer("x2"), answer("x3"),
+         answer("india y")],
+        revert_ratio=0.8, revert_patience=2,
+    )
+    result = loop.run()
+    best_id = result.versions[1].version.version_id
+    assert [s.val_score for s in result.steps] == [1.0, 0.0, 0.0, 0.0, 0.25]
+    assert [bool(s.note) for s in result.steps] == [False, False, False, True, False]
+    assert result.steps[3].note.startswith(f"reverted to {best_id}")
+    # the step after the revert starts from the best version again
+    assert result.steps[4].current_id == best_id
+    assert result.versions[-1].version.parent_id == best_id
+
+
+def test_target_score_stops_early_and_val_metrics_summarise_trials():
+    loop, _, _ = make_loop([answer("india juliet"), answer("india juliet kilo lima"),
+                            answer("never reached")], target_score=1.0)
+    result = loop.run()
+    assert result.stop_reason == "target_score reached" and len(result.steps) == 2
+    assert result.steps[0].val_metrics == {"score_std": 0.5}
+    assert result.versions[0].val_metrics == {"score_std": 0.0}
