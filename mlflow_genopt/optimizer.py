@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .artifact import ArtifactSpec, ArtifactVersion, Parameter
-from .llm.base import LLM, Completion
+from .llm.base import LLM, Completion, PromptTooLong
 from .task import Trial, TraceStep
 
 REASONING_CHARS = 600
@@ -185,13 +185,18 @@ class Optimizer:
         *,
         seed: int | None = None,
     ) -> Proposal:
-        completion = self.llm.complete(
-            context,
-            json_schema=proposal_schema(spec),
-            temperature=self.temperature,
-            max_tokens=self.max_tokens,
-            seed=seed,
-        )
+        try:
+            completion = self.llm.complete(
+                context,
+                json_schema=proposal_schema(spec),
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+                seed=seed,
+            )
+        except PromptTooLong as exc:
+            empty = Completion(text="", model=getattr(self.llm, "model", "?"))
+            return Proposal("", None, "", f"learning context too long for the optimizer: {exc}",
+                            empty)
         raw = completion.text
         try:
             values, reasoning = parse_proposal(raw, spec, current)

@@ -139,3 +139,20 @@ def test_scripted_loop_on_the_generated_task_tracks_into_mlflow(tmp_path):
                                              str(tmp_path))
     messages = json.loads(open(context_path).read())
     assert messages == list(result.steps[1].context)
+
+
+def test_a_question_too_long_for_the_task_model_is_a_failed_trial_not_a_crash():
+    from mlflow_genopt.llm.base import PromptTooLong
+
+    def model(messages, i):
+        if "not" in messages[-1]["content"]:
+            raise PromptTooLong("too many tokens")
+        return "The answer is True."
+
+    task = BBEHTask("generated_boolean", ScriptedLLM(model))
+    version = ArtifactVersion(dict(PROJECT.starting_artifacts["prompt_only"].values), 0)
+    examples = task.examples("train")
+    trials = task.evaluate(version, examples)
+    too_long = [t for t, e in zip(trials, examples) if "not" in e.input]
+    assert too_long and all(t.score == 0.0 and "context window" in t.error for t in too_long)
+    assert any(t.score == 1.0 for t in trials)

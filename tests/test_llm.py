@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from mlflow_genopt.llm.base import PromptTooLong
+
 from mlflow_genopt.llm import (
     CachedLLM,
     Completion,
@@ -449,10 +451,16 @@ def test_openai_json_schema_falls_back_to_json_object_once(server: FakeOpenAISer
     assert formats[1:] == [{"type": "json_object"}, {"type": "json_object"}]
 
 
-def test_openai_other_bad_request_is_raised_at_once(server: FakeOpenAIServer) -> None:
+def test_openai_context_overflow_is_prompt_too_long_at_once(server: FakeOpenAIServer) -> None:
     server.reply(400, error_body("maximum context length is 8192 tokens"))
-    expected = "refused the request for model 'gpt-4o-mini': 400 maximum context"
-    with pytest.raises(LLMError, match=expected):
+    with pytest.raises(PromptTooLong, match="request too long for 'gpt-4o-mini'"):
+        client(server).complete(MESSAGES)
+    assert len(server.requests) == 1
+
+
+def test_openai_other_bad_request_is_raised_at_once(server: FakeOpenAIServer) -> None:
+    server.reply(400, error_body("temperature must be at most 2"))
+    with pytest.raises(LLMError, match="refused the request for model 'gpt-4o-mini': 400 temp"):
         client(server).complete(MESSAGES)
     assert len(server.requests) == 1
 

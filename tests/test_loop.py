@@ -279,3 +279,17 @@ def test_target_score_stops_early_and_val_metrics_summarise_trials():
     assert result.stop_reason == "target_score reached" and len(result.steps) == 2
     assert result.steps[0].val_metrics == {"score_std": 0.5}
     assert result.versions[0].val_metrics == {"score_std": 0.0}
+
+
+def test_learning_context_too_long_for_the_optimizer_is_an_invalid_proposal():
+    from mlflow_genopt.llm.base import PromptTooLong
+
+    def overflow(messages, i):
+        if i == 0:
+            raise PromptTooLong("smollm2 (n_ctx=8192) could not complete: too many tokens")
+        return answer("india")
+
+    loop, _, _ = make_loop([], llm=ScriptedLLM(overflow), steps=2)
+    result = loop.run()
+    assert result.steps[0].invalid_reason.startswith("learning context too long for the optimizer")
+    assert result.steps[1].valid and result.selected.values["prompt"] == "india"

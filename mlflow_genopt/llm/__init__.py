@@ -22,6 +22,7 @@ from mlflow_genopt.llm.base import (
     LLMError,
     Messages,
     ObservedLLM,
+    PromptTooLong,
 )
 from mlflow_genopt.llm.cache import CachedLLM
 from mlflow_genopt.llm.llama_cpp import LlamaCppLLM, locate_smollm2
@@ -43,6 +44,7 @@ __all__ = [
     "ScriptedLLM",
     "SPEC_FORMS",
     "locate_smollm2",
+    "PromptTooLong",
     "make_llm",
 ]
 
@@ -65,7 +67,7 @@ def make_llm(
     spec = spec.strip()
     llm: LLM
     if spec == "smollm2":
-        llm = LlamaCppLLM(locate_smollm2(), model_name="smollm2")
+        llm = LlamaCppLLM(locate_smollm2(), model_name="smollm2", n_ctx=8192)  # its full window
     elif spec.startswith("gguf:"):
         llm = LlamaCppLLM(_nonempty(spec, "gguf:"))
     elif spec.lower().endswith(".gguf"):

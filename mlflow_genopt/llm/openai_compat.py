@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import openai
 
-from mlflow_genopt.llm.base import Completion, LLMError, Messages
+from mlflow_genopt.llm.base import Completion, LLMError, Messages, PromptTooLong
 from mlflow_genopt.llm.pricing import cost_usd
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -141,6 +141,13 @@ class OpenAICompatibleLLM:
                         self._json_object_only = True
                         request["response_format"] = {"type": "json_object"}
                         continue
+                if status == 400 and "context" in _status_reason(exc).lower() and (
+                    "length" in _status_reason(exc).lower() or "window" in _status_reason(exc).lower()
+                ):
+                    raise PromptTooLong(
+                        f"LLM endpoint {self.base_url}: request too long for {self.model!r}: "
+                        f"{_status_reason(exc)}"
+                    ) from None
                 if not (status in (408, 429) or status >= 500):
                     raise LLMError(
                         f"LLM endpoint {self.base_url} refused the request for model "

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from mlflow_genopt.artifact import ArtifactSpec, ArtifactVersion, Parameter
 from mlflow_genopt.config import ConfigError, LoopConfig
-from mlflow_genopt.llm.base import LLM
+from mlflow_genopt.llm.base import LLM, PromptTooLong
 from mlflow_genopt.sandbox import SandboxLimits, run_function
 from mlflow_genopt.task import Example, Trial
 
@@ -92,14 +92,17 @@ class BBEHTask:
             raise ValueError(f"split: must be train, val or test, got {split!r}")
         return self._splits[split]
 
-    def _ask(self, prompt: str, example: Example) -> str:
+    def _ask(self, prompt: str, example: Example) -> str | PromptTooLong:
         content = prompt.replace(PLACEHOLDER, str(example.input))
-        completion = self.llm.complete(
-            [{"role": "user", "content": content}],
-            temperature=self.temperature,
-            max_tokens=self.answer_max_tokens,
-            seed=self.seed,
-        )
+        try:
+            completion = self.llm.complete(
+                [{"role": "user", "content": content}],
+                temperature=self.temperature,
+                max_tokens=self.answer_max_tokens,
+                seed=self.seed,
+            )
+        except PromptTooLong as exc:  # this question does not fit: a failed trial, not a crash
+            return exc
         return completion.text
 
     def evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]:
@@ -107,13 +110,19 @@ class BBEHTask:
             return []
         prompt = version.values["prompt"]
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
-            responses = list(pool.map(lambda e: self._ask(prompt, e), examples))
+            answers = list(pool.map(lambda e: self._ask(prompt, e), examples))
+        responses = [a if isinstance(a, str) else "" for a in answers]
         results = run_function(
             version.values["extract_answer"], "extract_answer",
             [([response], {}) for response in responses], limits=self.limits,
         )
         trials = []
-        for example, response, result in zip(examples, responses, results):
+        for example, response, result, raw in zip(examples, responses, results, answers):
+            if isinstance(raw, PromptTooLong):
+                error = "the rendered prompt does not fit the task model's context window"
+                trials.append(Trial(example.id, example.input, "", 0.0,
+                                    f"Wrong, expected {example.target}. {error}.", error=error))
+                continue
             answer, error = result.value, result.error
             if result.ok and not isinstance(answer, str):
                 error = f"extract_answer returned {type(answer).__name__}, expected str"
