@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import fields
@@ -102,7 +103,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"best val score:   {result.best_val_score:.4f}")
     print(f"test score:       {test}")
     if tracking_uri:
-        print(f"tracked in:       {tracking_uri} (experiment {args.experiment!r})")
+        where = (f"run {os.environ['MLFLOW_RUN_ID']}" if os.environ.get("MLFLOW_RUN_ID")
+                 else f"experiment {args.experiment!r}")
+        print(f"tracked in:       {tracking_uri} ({where})")
         if tracking_uri.startswith("sqlite:///"):
             print(f"look at it with:  mlflow ui --backend-store-uri {tracking_uri}")
     return 0
@@ -123,6 +126,151 @@ def _cmd_projects(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     print(build_config(args.project, args).to_yaml(), end="")
     return 0
+
+
+def _optional_number(flag: str, text: str | None, kind: type) -> Any:
+    """``--n-trials``/``--timeout`` values: a number, or ``none``/empty (MLproject passes text)."""
+    if text is None or str(text).strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or (kind is int and number != int(number)):
+        raise ConfigError(f"{flag}: must be {'an integer' if kind is int else 'a number'} or none, "
+                          f"got {text!r}")
+    return kind(number)
+
+
+def build_study_config(project_name: str, args: argparse.Namespace):
+    """The study a `genopt study` command describes: the loop config as for `genopt run` (the
+    base of every trial), then the search space: the project's, or ``--space FILE`` instead;
+    fields given as explicit loop-config flags (``--batch-size 3``, ``--option k=v``) are fixed,
+    not searched; ``--param``/``--params`` add or replace dimensions last."""
+    from .project import load_project
+    from .study import StudyConfig, load_search_space, parse_param, parse_search_space
+
+    base = build_config(project_name, args)
+    if args.space:
+        space = load_search_space(args.space)
+    else:
+        space = parse_search_space(getattr(load_project(project_name), "search_space", {}) or {})
+    fixed = {f.name for f in _CONFIG_FLAGS if getattr(args, f.name, None) is not None}
+    fixed |= {f"task_options.{_parse_option(text)[0]}" for text in args.option or []}
+    space = {name: dim for name, dim in space.items() if name not in fixed}
+    flags = list(args.param or [])
+    flags += [s.strip() for s in (args.params or "").split(";") if s.strip()]
+    for text in flags:
+        name, dim = parse_param(text)
+        space[name] = dim
+    return StudyConfig(
+        base=base,
+        search_space=space,
+        study_name=args.study_name or None,
+        storage=args.storage,
+        sampler=args.sampler,
+        n_trials=_optional_number("--n-trials", args.n_trials, int),
+        timeout_s=_optional_number("--timeout", args.timeout, float),
+        sampler_seed=args.sampler_seed,
+        objectives=args.objectives,
+        pruner=args.pruner,
+        pruner_startup_trials=args.pruner_startup_trials,
+        pruner_warmup_steps=args.pruner_warmup_steps,
+        pruner_percentile=args.pruner_percentile,
+        pruner_p_threshold=args.pruner_p_threshold,
+        heartbeat_interval_s=args.heartbeat_interval,
+        grace_period_s=args.grace_period,
+        max_retry=args.max_retry,
+    )
+
+
+def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    study = parser.add_argument_group("study (see README: Studies)")
+    study.add_argument("--space", metavar="FILE",
+                       help="YAML file with the search space (replaces the project's)")
+    study.add_argument("--param", action="append", metavar="NAME=SPEC",
+                       help="search a field: batch_size=1,3,5 | memory_size=0..6:2 | "
+                            "optimizer_temperature=0.1..1.0:log (repeatable; replaces that field)")
+    study.add_argument("--params", metavar="SPECS",
+                       help="several --param specs separated by ';' (for MLproject)")
+    study.add_argument("--sampler", default="auto",
+                       help="auto (grid for finite spaces up to 64 points, else tpe), grid, "
+                            "brute_force, tpe, random (default: auto)")
+    study.add_argument("--n-trials", default=None,
+                       help="finished trials the study should hold, over all workers "
+                            "(default: every point of a grid, else 20)")
+    study.add_argument("--timeout", default=None,
+                       help="seconds after which this worker starts no new trial")
+    study.add_argument("--sampler-seed", type=int, default=0, help="sampler seed (default: 0)")
+    study.add_argument("--objectives", default="score",
+                       help="score (maximize best validation score) or score,tokens (also "
+                            "minimize LLM tokens; multi-objective)")
+    study.add_argument("--pruner", default="auto",
+                       help="auto (median; none for score,tokens), none, median, percentile, wilcoxon")
+    study.add_argument("--pruner-startup-trials", type=int, default=5,
+                       help="finished trials before pruning starts (default: 5)")
+    study.add_argument("--pruner-warmup-steps", type=int, default=0,
+                       help="steps of each loop before it can be pruned (default: 0)")
+    study.add_argument("--pruner-percentile", type=float, default=25.0,
+                       help="percentile pruner: prune below this percentile (default: 25)")
+    study.add_argument("--pruner-p-threshold", type=float, default=0.1,
+                       help="wilcoxon pruner: p-value threshold (default: 0.1)")
+    study.add_argument("--storage", default="sqlite:///optuna.db",
+                       help="Optuna storage: sqlite:///optuna.db (default), "
+                            "postgresql://user:pw@host/db, journal:path/study.log, memory")
+    study.add_argument("--study-name", default=None,
+                       help="default: <project>-<task>-<hash of base config, space, objectives>")
+    study.add_argument("--heartbeat-interval", type=int, default=60,
+                       help="seconds between a running trial's heartbeats (RDB storages)")
+    study.add_argument("--grace-period", type=int, default=None,
+                       help="seconds without heartbeat before a trial is failed (default: 2x interval)")
+    study.add_argument("--max-retry", type=int, default=1,
+                       help="how often a failed point is queued again (default: 1)")
+    study.add_argument("--summary-dir", default=None,
+                       help="where the summary files go (default: .genopt/studies/<study name>)")
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    import logging
+
+    from .runner import default_tracking_uri
+    from .study import run_study
+
+    config = build_study_config(args.project, args)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    tracking_uri = None if args.no_tracking else (args.tracking_uri or default_tracking_uri())
+    result = run_study(
+        config,
+        tracking_uri=tracking_uri,
+        experiment=args.experiment,
+        run_name=args.run_name,
+        cache_dir=None if args.no_cache else args.cache_dir,
+        base_url=args.base_url,
+        summary_dir=args.summary_dir,
+        progress=not args.quiet,
+    )
+    print(f"study:            {result.study_name} in {result.storage} ({result.stop_reason})")
+    print(f"trials:           {result.count('COMPLETE')} complete, {result.count('PRUNED')} pruned, "
+          f"{result.count('FAIL')} failed ({result.trials_run_here} run by this worker)")
+    if result.recommended is not None:
+        best = result.recommended
+        params = " ".join(f"{k}={v}" for k, v in sorted(best.params.items()))
+        test = "n/a" if best.test_score is None else f"{best.test_score:.4f}"
+        print(f"recommended:      trial {best.number}: {params}")
+        print(f"                  best val {best.best_val_score:.4f}, test {test}, tokens {best.tokens}")
+    if result.summary_dir is not None:
+        print(f"summary:          {result.summary_dir}/summary/trials.md")
+        if result.recommended_config is not None:
+            path = result.summary_dir / "recommended.yaml"
+            print(f"reuse it with:    genopt run {args.project} --config {path}")
+    if result.parent_run_id:
+        print(f"MLflow:           parent run {result.parent_run_id} in {tracking_uri}")
+        if tracking_uri.startswith("sqlite:///"):
+            print(f"look at it with:  mlflow ui --backend-store-uri {tracking_uri}")
+    from .study import hide_password
+
+    print(f"dashboard:        optuna-dashboard {hide_password(config.storage).removeprefix('journal:')}")
+    return 0 if result.count("COMPLETE") or result.target_trials == 0 else 1
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -147,6 +295,16 @@ def make_parser() -> argparse.ArgumentParser:
     config.add_argument("project")
     _add_run_arguments(config)
     config.set_defaults(func=_cmd_config)
+
+    study = sub.add_parser(
+        "study", help="search loop design choices with Optuna (one worker)",
+        description="Run, join or resume an Optuna study over the project's loop design choices: "
+                    "every trial is one learning loop, a nested MLflow run under the study's "
+                    "parent run. Run the same command on several machines to add workers.")
+    study.add_argument("project", help="case-study project, e.g. bbeh (see `genopt projects`)")
+    _add_run_arguments(study)
+    _add_study_arguments(study)
+    study.set_defaults(func=_cmd_study)
     return parser
 
 
