@@ -1,0 +1,651 @@
+"""The ML-pipeline task: fit a generated pipeline on training rows, score it on rows it never saw.
+
+What an example is
+------------------
+The labelled rows are split once, seeded by ``split_seed`` (not the loop seed, so loops with
+different seeds compare on the same rows): first a *test holdout* when the source has no labelled
+test rows, then a *validation* part (``val_fraction``), and the rest is the *training* part.
+
+* ``train`` split: ``n_folds`` examples, one per cross-validation fold of the training part.
+  A trial fits the pipeline on the other folds and scores it on its fold. ``batch_size`` is
+  therefore the number of folds (resamples) one update sees.
+* ``val`` split: one example: fit on the whole training part, score on the validation part.
+  The core loop selects its checkpoint by this score.
+* ``test`` split: one example, scored once for the selected version by the core loop: fit on
+  every labelled row outside the test rows, score on the held-out test rows. With
+  MLAgentBench's layout these are ``env/test.csv`` scored against ``scripts/answer.csv``.
+  Kaggle's layout has no test labels, so ``holdout_fraction`` (default 0.2) of ``train.csv`` is
+  set aside as an internal holdout and is the test split (``holdout_fraction=0`` leaves the
+  test split empty). The same holds for scikit-learn's built-in datasets and single CSV files.
+
+Scores and feedback
+-------------------
+``Trial.score`` is higher-is-better: the primary metric for accuracy and F1, its negation for
+error metrics (e.g. ``-RMSE`` of log SalePrice). Failed trials (exception, timeout, memory,
+unusable predictions) score a floor (see :func:`metrics.failure_floor`) and working pipelines
+never score below it. ``Trial.output`` and ``Trial.metrics`` hold every reported metric (the
+loop logs their validation means as ``val_<metric>``). The feedback text starts with
+those metrics, then any error with its traceback tail, then *improvement feedback* (how this
+version compares with its parent on the same rows, and how many proposals made from it failed
+to improve, with a direction to try next; ``improvement_feedback``) and *staged feedback*
+(guidance that depends on the level the metric has reached, ``stage_thresholds``;
+``staged_feedback``).
+
+Execution
+---------
+Generated code runs only in :mod:`mlflow_genopt.sandbox` (own process, clean environment,
+scratch directory, wall-clock and memory limits). One sandbox process runs the trials of one
+split of one ``evaluate`` call. It receives only the CSV files that split needs: the training
+rows with their target and, for val/test, the rows to predict *without* their target. The
+validation labels, the holdout labels and ``answer.csv`` never enter a sandbox; predictions come
+back as JSON and are scored here. (Within the train split, a fold's labels are in the training
+file by construction; a pipeline that cheats on them only inflates its batch score, while
+checkpoint selection and the test score use labels it never had. The sandbox does not hide
+world-readable files, so keep ``answer.csv`` unreadable to other users if generated code might
+guess its path; the path itself is never passed.) Results are cached per
+(parameter values, example), as ``evaluate`` is deterministic given the task's seed.
+
+Export
+------
+``export(version, directory)`` refits the selected pipeline in the sandbox exactly as for the test
+example, predicts the submission rows (``test.csv``, or the holdout rows when there is none), and
+writes ``submission.csv`` (id column and target, Kaggle format) and ``model/``, an MLflow model
+that maps raw feature rows to predictions, with a signature and an input example. Its flavor:
+``sklearn`` (serialized with cloudpickle: skops refuses generated functions) or ``xgboost``
+when ``train_model`` returns such an estimator and the artifact's predictions are exactly
+``model.predict(X)`` on raw rows; otherwise ``python_function``, a
+``PythonModel`` wrapping the fitted object and the artifact's ``predict``, with the generated
+module kept under ``code/`` (and the bare estimator, if any, in ``model_estimator/``). The model
+is saved, and reloaded once as a check, inside the sandbox; ``export_info.json`` says which
+flavor was used and why. Only plain files are copied out of the sandbox's scratch directory
+(links, hard-linked files and special files it planted are skipped and listed). Loading
+``model/`` unpickles objects that generated code produced: do it only where you would run that
+code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mlflow_genopt.artifact import ArtifactSpec, ArtifactVersion
+from mlflow_genopt.config import ConfigError, LoopConfig
+from mlflow_genopt.sandbox import SandboxLimits, SandboxResult, run_function
+from mlflow_genopt.task import Example, Trial
+
+from .data import GENERIC_TASK, TASKS, TabularData, TaskDefinition, generic_definition, load_task_data
+from .metrics import METRICS, Metric, canonical_label, failure_floor, score_predictions
+
+HARNESS_SOURCE = (Path(__file__).with_name("sandbox_harness.py")).read_text(encoding="utf-8")
+PARAMETER_ORDER = ("preprocess", "select_features", "create_ensemble_model", "train_model", "predict")
+
+STAGE_GUIDANCE = (
+    "Level 1 of 3 (basic): first make the pipeline sound: impute every missing value, encode "
+    "every categorical column (cast bool/object columns with .astype(str) first), leave out "
+    "identifier and free-text columns, and use a solid default model such as a random forest or "
+    "gradient boosting.",
+    "Level 2 of 3 (working): improve the inputs and the model: engineer features from structured "
+    "columns (split composite strings, sums and ratios of related numbers, counts per group) and "
+    "try stronger learners (xgboost.XGBClassifier/XGBRegressor, HistGradientBoosting).",
+    "Level 3 of 3 (strong): gains now come from careful tuning (learning rate, depth, number of "
+    "trees, regularisation), ensembles of different model families and target transforms; "
+    "prefer small, well-founded changes that generalise over ones that fit these rows.",
+)
+DIRECTIONS = (
+    "revisit the features: engineer new ones from the raw columns, or drop noisy ones",
+    "try a different model family (gradient boosting instead of random forests, or a linear "
+    "model on scaled features) rather than retuning the same one",
+    "tune the most important hyperparameters of the current model in small steps",
+    "undo the last change and make one small, targeted change instead",
+    "combine complementary models (averaging or stacking) instead of replacing one",
+)
+
+OPTIONS = ("data_dir", "target", "metric", "id_column", "n_folds", "val_fraction",
+           "holdout_fraction", "split_seed", "max_train_rows", "timeout_s", "memory_mb",
+           "staged_feedback", "stage_thresholds", "improvement_feedback")
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """How one example is run: which rows are fitted and which are scored."""
+
+    kind: str  # cv, val, test
+    fit_rows: np.ndarray  # positions in the labelled table
+    score_rows: np.ndarray | None  # positions in the labelled table (None: the test file)
+    fold: int = 0
+
+
+@dataclass
+class _Outcome:
+    """The raw result of running one version on one example (cached)."""
+
+    score: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str = ""
+    problems: tuple[str, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # not shown to the optimizer
+    predictions_head: list[Any] = field(default_factory=list)
+
+
+class TabularTask:
+    """A tabular prediction task (see the module docstring for splits, scores and export).
+
+    Options (``LoopConfig.task_options``): ``data_dir`` (directory in Kaggle or MLAgentBench
+    layout, or a CSV file for the ``csv`` task), ``target``/``metric``/``id_column`` (the ``csv``
+    task; ``metric`` also overrides a named task's primary metric), ``n_folds`` (5),
+    ``val_fraction`` (0.2), ``holdout_fraction`` (0.2; only where the source has no test labels),
+    ``split_seed`` (0), ``max_train_rows`` (none: a seeded subsample of the labelled rows, for
+    speed), ``timeout_s`` (120, wall clock per trial), ``memory_mb`` (4096, address space of the
+    sandbox process), ``staged_feedback`` (true), ``stage_thresholds`` (comma-separated values of
+    the primary metric; defaults per task), ``improvement_feedback`` (true).
+    """
+
+    def __init__(self, definition: TaskDefinition, data: TabularData, spec: ArtifactSpec, *,
+                 metric: str | None = None, n_folds: int = 5, val_fraction: float = 0.2,
+                 holdout_fraction: float = 0.2, split_seed: int = 0,
+                 max_train_rows: int | None = None, timeout_s: float = 120.0,
+                 memory_mb: int = 4096, staged_feedback: bool = True,
+                 stage_thresholds: str | Sequence[float] | None = None,
+                 improvement_feedback: bool = True, seed: int = 0) -> None:
+        self.definition = definition
+        self.spec = spec
+        self.seed = seed
+        self.metric: Metric = self._primary_metric(metric)
+        self.report = (self.metric.name,) + tuple(m for m in definition.report if m != self.metric.name
+                                                  and METRICS[m].problem_type == definition.problem_type)
+        self.timeout_s = _number("timeout_s", timeout_s, 1.0, 86_400.0)
+        self.memory_mb = int(_number("memory_mb", memory_mb, 256, 1 << 20))
+        self.staged_feedback = _flag("staged_feedback", staged_feedback)
+        self.improvement_feedback = _flag("improvement_feedback", improvement_feedback)
+
+        split_seed = int(_number("split_seed", split_seed, 0, 2**32 - 1))
+        labeled = data.labeled
+        target = definition.target
+        if labeled[target].isna().any():
+            labeled = labeled[labeled[target].notna()]
+        if max_train_rows is not None:
+            rows = int(_number("max_train_rows", max_train_rows, 20, 1e12))
+            if rows < len(labeled):
+                labeled = labeled.sample(n=rows, random_state=split_seed)
+        self.labeled = labeled.reset_index(drop=True)
+        if definition.id_column and definition.id_column not in self.labeled.columns:
+            raise ConfigError(f"id_column: {definition.id_column!r} is not a column of {data.source}")
+        self.layout = data.layout
+        self.data_source = data.source
+        self.classes = ({canonical_label(v) for v in data.labeled[target].dropna()}  # before subsampling
+                        if definition.problem_type == "classification" else None)
+        if self.classes is not None and len(self.classes) < 2:
+            raise ConfigError(f"target: column {target!r} has a single class; nothing to learn")
+
+        rng = np.random.default_rng(split_seed)
+        order = rng.permutation(len(self.labeled))
+        n_folds = int(_number("n_folds", n_folds, 2, 50))
+        val_fraction = _number("val_fraction", val_fraction, 0.05, 0.5)
+        holdout_fraction = _number("holdout_fraction", holdout_fraction, 0.0, 0.5)
+        self.test_file: Any = None  # rows to predict for the test example (no target)
+        self.test_truth: Any = None
+        if data.answers is not None:  # MLAgentBench: labelled test rows of its own
+            self.test_file, self.test_truth = data.unlabeled, data.answers
+            holdout = np.array([], dtype=int)
+        else:
+            holdout = order[: int(round(holdout_fraction * len(order)))]
+            order = order[len(holdout):]
+        n_val = max(1, int(round(val_fraction * len(order))))
+        val, train = order[:n_val], order[n_val:]
+        if len(train) < 2 * n_folds:
+            raise ConfigError(f"task_options: {len(train)} training rows cannot make {n_folds} folds "
+                              f"(raise max_train_rows or lower n_folds)")
+        folds = np.array_split(train, n_folds)
+        self.submission_rows = data.unlabeled if data.unlabeled is not None else None
+        self.holdout = holdout
+
+        self.name = f"ml_pipeline/{definition.name}"
+        self._scopes: dict[str, _Scope] = {}
+        self._splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+        for k, fold in enumerate(folds, 1):
+            fit = np.concatenate([f for j, f in enumerate(folds, 1) if j != k])
+            self._add("train", f"fold-{k}", _Scope("cv", np.sort(fit), np.sort(fold), k),
+                      {"split": "train", "resample": f"cross-validation fold {k} of {n_folds}",
+                       "fit_rows": len(fit), "scored_rows": len(fold)})
+        self._add("val", "val", _Scope("val", np.sort(train), np.sort(val)),
+                  {"split": "val", "resample": "fit on the training part, score the validation part",
+                   "fit_rows": len(train), "scored_rows": len(val)})
+        test_fit = np.sort(np.concatenate([train, val]))
+        if self.test_truth is not None:
+            self._add("test", "test", _Scope("test", test_fit, None),
+                      {"split": "test", "resample": "fit on all labelled rows, score env/test.csv "
+                       "against scripts/answer.csv", "fit_rows": len(test_fit),
+                       "scored_rows": len(self.test_file)})
+        elif len(holdout):
+            self._add("test", "test", _Scope("test", test_fit, np.sort(holdout)),
+                      {"split": "test", "resample": "fit on all labelled rows outside the internal "
+                       "holdout, score the holdout", "fit_rows": len(test_fit),
+                       "scored_rows": len(holdout)})
+        self.test_description = (
+            "MLAgentBench answers" if self.test_truth is not None
+            else f"internal holdout ({len(holdout)} rows)" if len(holdout) else "none")
+
+        self.floor = failure_floor(self.metric, self.labeled[target])
+        self.thresholds = self._thresholds(stage_thresholds)
+        self.objective = self._objective(n_folds)
+        self._cache: dict[tuple[str, str], _Outcome] = {}
+        self._version_scores: dict[str, dict[str, float]] = {}
+        self._children: dict[str, list[str]] = {}
+
+    # --- construction helpers -----------------------------------------------------------
+    def _primary_metric(self, name: str | None) -> Metric:
+        name = name or self.definition.metric
+        if name not in METRICS:
+            raise ConfigError(f"task_options.metric: unknown metric {name!r}; choose one of {', '.join(METRICS)}")
+        metric = METRICS[name]
+        if metric.problem_type != self.definition.problem_type:
+            allowed = [m for m, v in METRICS.items() if v.problem_type == self.definition.problem_type]
+            raise ConfigError(f"task_options.metric: {name} is a {metric.problem_type} metric; "
+                              f"{self.definition.name} is {self.definition.problem_type}: choose one of {', '.join(allowed)}")
+        return metric
+
+    def _thresholds(self, raw: str | Sequence[float] | None) -> tuple[float, ...]:
+        if raw is None or raw == "":
+            if self.metric.name in self.definition.thresholds:
+                return tuple(self.definition.thresholds[self.metric.name])
+            return self._relative_thresholds()
+        items = raw.replace(",", " ").split() if isinstance(raw, str) else list(raw)
+        try:
+            values = tuple(float(v) for v in items)
+        except (TypeError, ValueError):
+            raise ConfigError(f"task_options.stage_thresholds: expected comma-separated numbers, got {raw!r}") from None
+        if len(values) != len(STAGE_GUIDANCE) - 1:
+            raise ConfigError(f"task_options.stage_thresholds: expected {len(STAGE_GUIDANCE) - 1} "
+                              f"values of {self.metric.name} (basic -> working -> strong), got {raw!r}")
+        return values
+
+    def _relative_thresholds(self) -> tuple[float, ...]:
+        """For a dataset without defaults: relative to predicting the majority class / mean."""
+        truth = self.labeled[self.definition.target]
+        if self.metric.problem_type == "classification":
+            base = max(np.mean([canonical_label(v) == c for v in truth]) for c in self.classes)
+            return (base + 0.3 * (1 - base), base + 0.6 * (1 - base)) if self.metric.name == "accuracy" else (0.6, 0.8)
+        if self.metric.name == "r2":
+            return (0.3, 0.6)
+        error = -self.floor / 2  # the error of always predicting the mean
+        return (0.8 * error, 0.6 * error)
+
+    def _objective(self, n_folds: int) -> str:
+        d, m = self.definition, self.metric
+        direction = (f"higher is better; score = {m.name}" if m.higher_is_better
+                     else f"lower is better; score = -{m.name}, so that higher scores are better and 0 is perfect")
+        return (
+            f"Improve a machine-learning pipeline on {d.title}: a {d.problem_type} task that "
+            f"predicts the column `{d.target}` from the other columns of a table "
+            f"({len(self.labeled)} labelled rows; identifier column `{d.id_column or 'none'}`). "
+            f"Metric: {m.name}, the {m.description} on rows the pipeline did not see ({direction}). "
+            "The harness calls train_model(dataset), "
+            "where dataset.X is a pandas DataFrame of the raw feature columns as read from the CSV "
+            "and dataset.y the target Series, then predicts rows the pipeline did not see, with "
+            "predict(model, X) when the artifact has a predict function and model.predict(X) "
+            f"otherwise. Each training trial is one of {n_folds} cross-validation folds; the "
+            f"validation score selects the final version. Metrics shown: {', '.join(self.report)}. "
+            "The code runs offline with pandas, numpy, scikit-learn and xgboost, within "
+            f"{self.timeout_s:g} s and {self.memory_mb} MB per trial. With pandas 3, cast bool and "
+            "object columns with .astype(str) before making them categorical."
+        )
+
+    def _add(self, split: str, example_id: str, scope: _Scope, description: dict) -> None:
+        self._scopes[example_id] = scope
+        self._splits[split].append(Example(example_id, description))
+
+    # --- Task protocol ------------------------------------------------------------------
+    def examples(self, split: str) -> Sequence[Example]:
+        if split not in self._splits:
+            raise ValueError(f"split: must be train, val or test, got {split!r}")
+        return self._splits[split]
+
+    def evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]:
+        if not examples:
+            return []
+        if version.parent_id is not None:
+            children = self._children.setdefault(version.parent_id, [])
+            if version.version_id not in children:
+                children.append(version.version_id)
+        missing = [e for e in examples if (version.content_hash, e.id) not in self._cache]
+        for kind in ("cv", "val", "test"):
+            group = [e for e in missing if self._scopes[e.id].kind == kind]
+            if group:
+                for example, outcome in zip(group, self._run(version, group)):
+                    self._cache[(version.content_hash, example.id)] = outcome
+        trials = []
+        for example in examples:
+            outcome = self._cache[(version.content_hash, example.id)]
+            self._version_scores.setdefault(version.version_id, {})[example.id] = outcome.score
+            trials.append(self._trial(version, example, outcome))
+        return trials
+
+    def close(self) -> None:
+        self._cache.clear()
+
+    # --- running in the sandbox -----------------------------------------------------------
+    def module_source(self, version: ArtifactVersion) -> str:
+        names = [n for n in PARAMETER_ORDER if n in version.values]
+        names += sorted(n for n in version.values if n not in PARAMETER_ORDER)
+        return "\n\n".join(version.values[n].strip("\n") + "\n" for n in names)
+
+    def _job(self, version: ArtifactVersion, **extra: Any) -> dict[str, Any]:
+        d = self.definition
+        return {"target": d.target, "problem_type": d.problem_type, "id_column": d.id_column,
+                "metric": self.metric.name, "seed": self.seed,
+                "use_predict": "predict" in version.values, **extra}
+
+    def _features(self, rows: np.ndarray):
+        return self.labeled.iloc[rows].drop(columns=[self.definition.target])
+
+    def _limits(self, n_calls: int, predicted_rows: int, extra_s: float = 0.0) -> SandboxLimits:
+        return SandboxLimits(timeout_s=self.timeout_s * n_calls + extra_s, memory_mb=self.memory_mb,
+                             max_output_bytes=max(1_000_000, 64 * predicted_rows + 100_000),
+                             max_file_mb=256)
+
+    def _group_files(self, scope: _Scope) -> tuple[dict[str, str], dict[str, Any]]:
+        """The files one split's sandbox receives, and the job fields that point at them."""
+        if scope.kind == "cv":  # the whole training part; a fold is row positions within it
+            files = {"train.csv": self.labeled.iloc[_union(scope)].to_csv(index=False)}
+            return files, {"train_file": "train.csv"}
+        labeled = self.labeled.iloc[scope.fit_rows].to_csv(index=False)
+        if scope.score_rows is not None:
+            to_predict = self._features(scope.score_rows)
+        else:
+            to_predict = self.test_file
+        return ({"train.csv": labeled, "predict.csv": to_predict.to_csv(index=False)},
+                {"train_file": "train.csv", "predict_file": "predict.csv"})
+
+    def _run(self, version: ArtifactVersion, group: Sequence[Example]) -> list[_Outcome]:
+        scopes = [self._scopes[e.id] for e in group]
+        first = scopes[0]
+        files, where = self._group_files(first)
+        calls = []
+        for scope in scopes:
+            job = self._job(version, **where)
+            if scope.kind == "cv":
+                job["holdout_rows"] = np.searchsorted(_union(scope), scope.score_rows).tolist()
+            calls.append(([job], {}))
+        predicted = sum(len(s.score_rows) if s.score_rows is not None else len(self.test_file) for s in scopes)
+        results = run_function(self.module_source(version), "_genopt_trial", calls, preamble=HARNESS_SOURCE,
+                               files=files, limits=self._limits(len(calls), predicted))
+        return [self._outcome(scope, result) for scope, result in zip(scopes, results)]
+
+    def _truth(self, scope: _Scope):
+        if scope.score_rows is None:
+            return list(self.test_truth)
+        return list(self.labeled[self.definition.target].iloc[scope.score_rows])
+
+    def _outcome(self, scope: _Scope, result: SandboxResult) -> _Outcome:
+        if not result.ok:
+            return _Outcome(self.floor, error=result.error or "failed",
+                            traceback=result.traceback_tail or _tail(result.stderr_tail, 8))
+        value = result.value if isinstance(result.value, dict) else {}
+        predictions = value.get("predictions")
+        scored = score_predictions(predictions, self._truth(scope), self.definition.problem_type,
+                                   self.report, self.classes)
+        info = {k: value[k] for k in ("fit_rows", "predict_rows", "model") if k in value}
+        timings = {k: float(value[k]) for k in ("fit_s", "predict_s") if isinstance(value.get(k), (int, float))}
+        if scored.error:
+            return _Outcome(self.floor, error=f"unusable predictions: {scored.error}", info=info,
+                            timings=timings,
+                            predictions_head=list(predictions[:5]) if isinstance(predictions, list) else [])
+        score = max(self.floor, self.metric.score(scored.metrics[self.metric.name]))
+        return _Outcome(score, metrics=scored.metrics, problems=scored.problems, info=info,
+                        timings=timings, predictions_head=list(predictions[:5]))
+
+    # --- feedback -------------------------------------------------------------------------
+    def _trial(self, version: ArtifactVersion, example: Example, outcome: _Outcome) -> Trial:
+        what = example.input["resample"]
+        lines = []
+        if outcome.error is None:
+            shown = ", ".join(f"{name} {value:.4f}" for name, value in outcome.metrics.items())
+            lines.append(f"{what}: {shown} (score {outcome.score:.4f}).")
+            lines.extend(outcome.problems)
+        else:
+            lines.append(f"{what}: FAILED, score {outcome.score:.4f}. Error: {outcome.error}")
+            if outcome.traceback:
+                lines.append(_tail(_without_harness_frames(outcome.traceback), 10, 900))
+        if self.improvement_feedback:
+            lines.extend(self._improvement(version, example, outcome))
+        if self.staged_feedback and outcome.error is None:
+            lines.append(self._stage(outcome))
+        output: dict[str, Any] = {"metrics": outcome.metrics, "score": outcome.score}
+        if outcome.error:
+            output["error"] = outcome.error
+        output.update(outcome.info)
+        if outcome.predictions_head:
+            output["predictions_head"] = outcome.predictions_head
+        # timings go to usage, not output: the learning context must stay byte-identical on replay
+        return Trial(example.id, example.input, output, outcome.score, "\n".join(lines),
+                     error=outcome.error, usage=dict(outcome.timings), metrics=dict(outcome.metrics))
+
+    def stage(self, value: float) -> int:
+        better = (lambda a, b: a >= b) if self.metric.higher_is_better else (lambda a, b: a <= b)
+        return sum(1 for threshold in self.thresholds if better(value, threshold))
+
+    def _stage(self, outcome: _Outcome) -> str:
+        value = outcome.metrics[self.metric.name]
+        level = self.stage(value)
+        text = STAGE_GUIDANCE[level]
+        if level >= 1 and self.definition.hints:
+            text += " About this data: " + self.definition.hints
+        return text
+
+    def _improvement(self, version: ArtifactVersion, example: Example, outcome: _Outcome) -> list[str]:
+        lines = []
+        parent = version.parent_id
+        parent_score = self._version_scores.get(parent, {}).get(example.id) if parent else None
+        if parent_score is not None:
+            delta = outcome.score - parent_score
+            if outcome.error is not None:
+                lines.append(f"No improvement: this version failed where its parent {parent} scored "
+                             f"{parent_score:.4f}; fix the error above or undo the change.")
+            elif delta > 1e-12:
+                lines.append(f"Improvement: +{delta:.4f} over its parent {parent} on these rows.")
+            else:
+                failed = len(self._failed_children(parent))
+                lines.append(f"No improvement: {delta:+.4f} against its parent {parent} on these rows; "
+                             f"the change did not help. Next, {DIRECTIONS[(failed - 1) % len(DIRECTIONS)]}.")
+        failed = self._failed_children(version.version_id)
+        if failed:
+            lines.append(f"{len(failed)} proposal(s) made from this version did not improve on it "
+                         f"({', '.join(failed[-3:])}). Next, {DIRECTIONS[len(failed) % len(DIRECTIONS)]}.")
+        return lines
+
+    def _failed_children(self, version_id: str) -> list[str]:
+        own = self._version_scores.get(version_id, {})
+        failed = []
+        for child in self._children.get(version_id, []):
+            scores = self._version_scores.get(child, {})
+            common = [e for e in scores if e in own]
+            if common and not any(scores[e] > own[e] + 1e-12 for e in common):
+                failed.append(child)
+        return failed
+
+    # --- export ---------------------------------------------------------------------------
+    def export(self, version: ArtifactVersion, directory: Path) -> None:
+        """Write ``submission.csv``, ``model/`` and ``export_info.json`` for ``version``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        val = self._scopes["val"]
+        if self.submission_rows is not None:  # Kaggle or MLAgentBench test.csv
+            fit_rows, to_predict, kind = _union(val), self.submission_rows, "test.csv"
+        elif len(self.holdout):  # the model scored on the test split, predicting its rows
+            fit_rows, to_predict, kind = _union(val), self._features(np.sort(self.holdout)), "internal holdout rows"
+        else:
+            fit_rows, to_predict, kind = val.fit_rows, self._features(val.score_rows), "validation rows"
+        files = {"train.csv": self.labeled.iloc[fit_rows].to_csv(index=False),
+                 "predict.csv": to_predict.to_csv(index=False)}
+        source = self.module_source(version)
+        job = self._job(version, train_file="train.csv", predict_file="predict.csv",
+                        out_dir="export", source=source)
+        started = time.monotonic()
+        (result,) = run_function(source, "_genopt_export", [([job], {})], preamble=HARNESS_SOURCE,
+                                 files=files, limits=self._limits(1, len(to_predict), extra_s=60.0),
+                                 workdir_keep=True)
+        info: dict[str, Any] = {"version_id": version.version_id, "task": self.name,
+                                "fit_rows": len(fit_rows), "submission_rows": kind,
+                                "test_split": self.test_description}
+        try:
+            (directory / "pipeline.py").write_text(source, encoding="utf-8")
+            value = result.value if result.ok and isinstance(result.value, dict) else None
+            if value is None:
+                (directory / "export_error.txt").write_text(
+                    f"{result.error}\n{result.traceback_tail}\n{_tail(result.stderr_tail, 20)}", encoding="utf-8")
+                info["error"] = result.error
+                return
+            predictions = value.get("predictions")
+            if not isinstance(predictions, list) or len(predictions) != len(to_predict):
+                (directory / "export_error.txt").write_text(
+                    f"unusable predictions for {len(to_predict)} rows", encoding="utf-8")
+                info["error"] = "unusable predictions"
+                return
+            self._write_submission(directory / "submission.csv", to_predict, predictions)
+            info.update({k: value.get(k) for k in ("flavor", "notes", "model", "fit_s", "predict_s")})
+            if value.get("save_error"):
+                info["save_error"] = value["save_error"]
+                (directory / "export_error.txt").write_text(
+                    f"saving the MLflow model failed: {value['save_error']}\n{value.get('save_traceback', '')}",
+                    encoding="utf-8")
+            scratch = Path(result.workdir) if result.workdir else None
+            skipped: list[str] = []
+            for name in ("model", "model_estimator"):
+                if scratch is not None:
+                    skipped += _copy_written_tree(scratch, Path("export") / name, directory / name)
+            if skipped:
+                info["skipped_files"] = skipped[:20]
+        finally:
+            info["export_s"] = round(time.monotonic() - started, 3)
+            (directory / "export_info.json").write_text(json.dumps(info, indent=2, default=str),
+                                                       encoding="utf-8")
+            if result.workdir:
+                shutil.rmtree(result.workdir, ignore_errors=True)
+
+    def _write_submission(self, path: Path, rows, predictions: list) -> None:
+        import pandas as pd
+
+        d = self.definition
+        ids = rows[d.id_column] if d.id_column and d.id_column in rows.columns else pd.Series(
+            range(len(rows)), name="id")
+        if d.problem_type == "classification":
+            originals = {canonical_label(v): v for v in self.labeled[d.target].unique()}
+            from .metrics import align_labels
+
+            labels = align_labels([canonical_label(p) for p in predictions], set(originals))
+            values = [originals.get(label, label) for label in labels]
+        else:
+            values = [float(p) for p in predictions]
+        pd.DataFrame({ids.name: ids.to_numpy(), d.target: values}).to_csv(path, index=False)
+
+
+def _copy_written_tree(scratch: Path, relative: Path, destination: Path) -> list[str]:
+    """Copy what the sandbox wrote under ``scratch/relative``: plain files and directories only.
+
+    The loop may run with more privileges than the sandbox, so nothing the generated code made
+    is followed: a symbolic link (to a secret file, say) anywhere on the path, a file with other
+    hard links, a device or a FIFO is skipped and reported, never read."""
+    source = scratch
+    for part in relative.parts:
+        source = source / part
+        if not source.is_dir() or source.is_symlink():
+            return []
+    if not (source / "MLmodel").is_file() or (source / "MLmodel").is_symlink():
+        return []
+    skipped = []
+    for root, dirs, files in os.walk(source, followlinks=False):
+        here = Path(root)
+        target = destination / here.relative_to(source)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in list(dirs):
+            if (here / name).is_symlink():
+                dirs.remove(name)
+                skipped.append(str((here / name).relative_to(scratch)))
+        for name in files:
+            info = os.lstat(here / name)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                skipped.append(str((here / name).relative_to(scratch)))
+                continue
+            with open(here / name, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW)) as src, \
+                    open(target / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return skipped
+
+
+def _union(scope: _Scope) -> np.ndarray:
+    return np.sort(np.concatenate([scope.fit_rows, scope.score_rows]))
+
+
+def _without_harness_frames(traceback: str) -> str:
+    """Drop the harness's own frames (file ``preamble.py``): the optimizer cannot change them."""
+    kept, skipping = [], False
+    for line in traceback.splitlines():
+        if line.startswith("  File "):
+            skipping = line.startswith('  File "preamble.py"')
+        elif not line.startswith("    "):
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def _tail(text: str, lines: int, limit: int = 2000) -> str:
+    kept = "\n".join((text or "").strip().splitlines()[-lines:])
+    return kept if len(kept) <= limit else "..." + kept[-limit:]
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"task_options.{name}: must be a number in [{low:g}, {high:g}], got {value!r}") from None
+    if isinstance(value, bool) or not low <= number <= high:
+        raise ConfigError(f"task_options.{name}: must be a number in [{low:g}, {high:g}], got {value!r}")
+    return number
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ConfigError(f"task_options.{name}: must be true or false, got {value!r}")
+
+
+def make_task(config: LoopConfig, llm: Any, starting_specs: Mapping[str, ArtifactSpec]) -> TabularTask:
+    """The task of ``config`` (``config.task`` names a built-in task, or ``csv``)."""
+    # unset options may arrive as "" or "none" (MLproject parameters are always given)
+    options = {k: v for k, v in dict(config.task_options).items()
+               if not (v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")))}
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"task_options.{unknown[0]}: unknown option for ml_pipeline; known: {', '.join(OPTIONS)}")
+    if config.task == GENERIC_TASK:
+        definition = generic_definition(options)
+    elif config.task in TASKS:
+        definition = TASKS[config.task]
+        for key in ("target", "id_column"):
+            if key in options:
+                raise ConfigError(f"task_options.{key}: only the csv task takes it; {config.task} "
+                                  f"predicts {definition.target}")
+    else:
+        raise ConfigError(f"task: unknown ml_pipeline task {config.task!r}; choose one of "
+                          f"{', '.join(TASKS)}, {GENERIC_TASK}")
+    spec = starting_specs.get(config.init)
+    if spec is None:
+        raise ConfigError(f"init: unknown starting artifact {config.init!r} for project ml_pipeline; "
+                          f"choose one of {', '.join(starting_specs)}")
+    data = load_task_data(definition, options.pop("data_dir", None))
+    for key in ("target", "id_column"):
+        options.pop(key, None)
+    return TabularTask(definition, data, spec, seed=config.seed, **options)
