@@ -26,8 +26,16 @@ def run_loop(*args, **kwargs):
     return _run_loop(*args, **kwargs)
 
 
+def run_study(*args, **kwargs):
+    """Run an Optuna study over loop configs; see :func:`mlflow_genopt.study.run_study`."""
+    from .study import run_study as _run_study
+
+    return _run_study(*args, **kwargs)
+
+
 __all__ = [
     "ArtifactSpec", "ArtifactVersion", "ConfigError", "Example", "InvalidProposal",
     "LearningLoop", "LoopCallback", "LoopConfig", "LoopResult", "Optimizer", "Parameter",
     "StepRecord", "StopLoop", "Task", "TraceStep", "Trial", "VersionRecord", "diff", "run_loop",
+    "run_study",
 ]

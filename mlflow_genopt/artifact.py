@@ -166,13 +166,16 @@ def diff(old: ArtifactVersion, new: ArtifactVersion, context_lines: int = 3) -> 
             continue
         chunks.extend(
             difflib.unified_diff(
-                a.splitlines(keepends=True),
-                b.splitlines(keepends=True),
+                _lines(a),
+                _lines(b),
                 fromfile=f"{old.version_id}/{name}",
                 tofile=f"{new.version_id}/{name}",
                 n=context_lines,
             )
         )
-        if chunks and not chunks[-1].endswith("\n"):
-            chunks[-1] += "\n"
     return "".join(chunks)
+
+
+def _lines(text: str) -> list[str]:
+    # every line newline-terminated: a changed last line must not glue onto the next diff line
+    return [line if line.endswith("\n") else line + "\n" for line in text.splitlines(True)]

@@ -82,6 +82,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--base-url", default=None,
                        help="OpenAI-compatible endpoint for openai:<model> (default: $OPENAI_BASE_URL)")
     where.add_argument("--quiet", action="store_true", help="no progress lines")
+    where.add_argument("--fresh", action="store_true",
+                       help="start a new run even if an unfinished run with this config exists")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -89,6 +91,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = build_config(args.project, args)
     tracking_uri = None if args.no_tracking else (args.tracking_uri or default_tracking_uri())
+    resume_run_id = None
+    if tracking_uri and not args.fresh and not os.environ.get("MLFLOW_RUN_ID"):
+        from .tracking import find_resumable_run
+
+        resume_run_id = find_resumable_run(tracking_uri, args.experiment, config.config_hash())
+        if resume_run_id:
+            print(f"[genopt] resuming unfinished run {resume_run_id} with the same config "
+                  "(--fresh starts a new run)", file=sys.stderr)
     result = run_loop(
         config,
         tracking_uri=tracking_uri,
@@ -97,17 +107,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else args.cache_dir,
         base_url=args.base_url,
         progress=not args.quiet,
+        resume_run_id=resume_run_id,
+        handle_sigint=True,
     )
+    return _report(result, tracking_uri, args.experiment)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from .runner import default_tracking_uri, resume_loop
+
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    result = resume_loop(
+        args.run_id, tracking_uri=tracking_uri, experiment=args.experiment,
+        cache_dir=None if args.no_cache else args.cache_dir, base_url=args.base_url,
+        progress=not args.quiet, handle_sigint=True,
+    )
+    return _report(result, tracking_uri, args.experiment)
+
+
+def _report(result, tracking_uri: str | None, experiment: str) -> int:
     test = "n/a" if result.test_score is None else f"{result.test_score:.4f}"
     print(f"selected version: {result.selected.version_id}")
     print(f"best val score:   {result.best_val_score:.4f}")
     print(f"test score:       {test}")
     if tracking_uri:
         where = (f"run {os.environ['MLFLOW_RUN_ID']}" if os.environ.get("MLFLOW_RUN_ID")
-                 else f"experiment {args.experiment!r}")
+                 else f"experiment {experiment!r}")
         print(f"tracked in:       {tracking_uri} ({where})")
         if tracking_uri.startswith("sqlite:///"):
             print(f"look at it with:  mlflow ui --backend-store-uri {tracking_uri}")
+    if result.stop_reason == "interrupted":
+        print("interrupted: the last step is logged; run the same command again, or "
+              "`genopt resume RUN_ID`, to continue", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -286,6 +318,19 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     run.set_defaults(func=_cmd_run)
 
+    resume = sub.add_parser("resume", help="continue an interrupted loop run",
+                            description="Continue an interrupted (killed, failed or Ctrl-C'd) "
+                                        "loop run from its last logged step, in the same run.")
+    resume.add_argument("run_id", help="MLflow run id of the loop")
+    resume.add_argument("--tracking-uri", default="",
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    resume.add_argument("--experiment", default="genopt", help=argparse.SUPPRESS)
+    resume.add_argument("--cache-dir", default=".genopt/cache", help="LLM response cache directory")
+    resume.add_argument("--no-cache", action="store_true", help="disable the LLM response cache")
+    resume.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint")
+    resume.add_argument("--quiet", action="store_true", help="no progress lines")
+    resume.set_defaults(func=_cmd_resume)
+
     projects = sub.add_parser("projects", help="list projects and their starting artifacts",
                               description="List installed projects and their starting artifacts.")
     projects.set_defaults(func=_cmd_projects)
@@ -310,6 +355,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep the progress lines readable
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = make_parser().parse_args(argv)
     from .llm.base import LLMError
 

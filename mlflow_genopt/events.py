@@ -99,6 +99,7 @@ class StepRecord:
     wall_time_s: float
     val_metrics: Mapping[str, float] = field(default_factory=dict)
     note: str = ""  # loop decisions beyond accept/reject, e.g. a revert to the best version
+    checkpoint: Mapping[str, Any] = field(default_factory=dict)  # LoopState after this step
 
     @property
     def valid(self) -> bool:

@@ -21,6 +21,9 @@ from .llm.base import LLM, Completion, PromptTooLong
 from .task import Trial, TraceStep
 
 REASONING_CHARS = 600
+# llama.cpp compiles maxLength into one grammar rule per character and refuses grammars with
+# "too many rules" somewhere above ~1000, so longer limits are validated but not put in the schema.
+SCHEMA_MAX_LENGTH = 1000
 
 SYSTEM_PROMPT = (
     "You are an optimizer. You improve the trainable parameters of a system (code or prompts) "
@@ -66,8 +69,9 @@ def proposal_schema(spec: ArtifactSpec) -> dict[str, Any]:
     """JSON schema of an answer: ``reasoning`` plus one string per trainable parameter."""
     properties: dict[str, Any] = {"reasoning": {"type": "string", "maxLength": REASONING_CHARS}}
     for parameter in spec.trainable:
-        properties[parameter.name] = {"type": "string", "minLength": 1,
-                                      "maxLength": parameter.length_limit}
+        properties[parameter.name] = {"type": "string", "minLength": 1}
+        if parameter.length_limit <= SCHEMA_MAX_LENGTH:
+            properties[parameter.name]["maxLength"] = parameter.length_limit
     return {
         "type": "object",
         "properties": properties,

@@ -60,6 +60,13 @@ class SimpleProject:
     task_factory: Callable[[LoopConfig, LLM | None], Task]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     uses_task_llm: bool = True
+    # The design choices worth searching for this case study, in the plain search-space form of
+    # mlflow_genopt.study (``{"batch_size": [1, 3, 5], "memory_size": {"low": 0, "high": 6}}``);
+    # `genopt study PROJECT` searches it unless a --space file or --param flags say otherwise.
+    search_space: Mapping[str, Any] = field(default_factory=dict)
+    # Task-specific starting artifacts (e.g. a game's own policy functions): returns the one for
+    # ``config`` or None to fall back to ``starting_artifacts[config.init]``.
+    starting_factory: Callable[[LoopConfig], StartingArtifact | None] | None = None
 
     def make_task(self, config: LoopConfig, task_llm: LLM | None) -> Task:
         return self.task_factory(config, task_llm)
@@ -72,6 +79,14 @@ class SimpleProject:
                 f"init: unknown starting artifact {init!r} for project {self.name}; "
                 f"choose one of {', '.join(self.starting_artifacts)}"
             ) from None
+
+    def starting_for(self, config: LoopConfig) -> StartingArtifact:
+        """The starting artifact a loop with ``config`` begins from."""
+        if self.starting_factory is not None:
+            found = self.starting_factory(config)
+            if found is not None:
+                return found
+        return self.starting_artifact(config.init)
 
     def config(self, **overrides: Any) -> LoopConfig:
         return LoopConfig.from_dict({"project": self.name, **self.defaults, **overrides})

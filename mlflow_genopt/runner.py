@@ -7,18 +7,22 @@ checked before the MLflow run is created, so bad input leaves nothing half-writt
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from .config import LoopConfig
+from .config import ConfigError, LoopConfig
 from .events import LoopCallback, LoopResult, StepRecord, VersionRecord, dispatch
 from .llm import make_llm
 from .llm.base import LLM, ObservedLLM
-from .loop import LearningLoop, UsageMeter
+from .loop import LearningLoop, LoopState, UsageMeter
 from .optimizer import Optimizer
+from .plugin.active import loop_context
 from .project import load_project
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -69,6 +73,8 @@ class ProgressPrinter(LoopCallback):
 def run_loop(
     config: LoopConfig,
     *,
+    resume_run_id: str | None = None,
+    handle_sigint: bool = False,
     tracking_uri: str | None = "",
     experiment: str = "genopt",
     run_name: str | None = None,
@@ -79,27 +85,47 @@ def run_loop(
     task_llm: LLM | None = None,
     base_url: str | None = None,
     progress: bool = False,
+    register_prompts: bool = True,
 ) -> LoopResult:
     """Run one learning loop with ``config``.
 
     ``tracking_uri``: ``""`` (default) uses ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``;
     ``None`` turns tracking off. ``cache_dir``: the on-disk LLM response cache (``None`` disables
     it). ``optimizer_llm`` / ``task_llm`` override the models named in the config (tests pass a
-    scripted LLM here). Raises :class:`~mlflow_genopt.config.ConfigError` or
+    scripted LLM here). ``register_prompts``: with tracking on, register the selected version's
+    trainable prompt parameters in the MLflow Prompt Registry
+    (:mod:`mlflow_genopt.plugin.prompts`). Raises :class:`~mlflow_genopt.config.ConfigError` or
     :class:`~mlflow_genopt.llm.LLMError` with a one-line message for bad input.
     """
     project = load_project(config.project)
-    starting = project.starting_artifact(config.init)
+    starting = project.starting_for(config)
 
     usage = UsageMeter()
     listeners: list[LoopCallback] = [usage]
     tracker = None
+    resume_state = None
     if tracking_uri is not None:
-        from .tracking import MlflowTracker  # the only module that imports MLflow
+        from .tracking import MlflowTracker, load_run_checkpoint  # only tracking imports MLflow
 
-        tracker = MlflowTracker(tracking_uri or default_tracking_uri(), experiment,
-                                run_name=run_name, nested=nested)
+        uri = tracking_uri or default_tracking_uri()
+        resume_versions = []
+        if resume_run_id is not None:
+            try:
+                _, checkpoint, _ = load_run_checkpoint(uri, resume_run_id)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if checkpoint is not None:
+                resume_state = LoopState.from_dict(checkpoint)
+                resume_versions = [v.version for v in resume_state.versions]
+        tracker = MlflowTracker(uri, experiment, run_name=run_name, nested=nested,
+                                run_id=resume_run_id, resume_versions=resume_versions)
         listeners.append(tracker)
+        if register_prompts:
+            from .plugin.prompts import PromptRegistrar  # after the tracker: its run is written
+
+            listeners.append(PromptRegistrar(tracker))
+    elif resume_run_id is not None:
+        raise ConfigError("resume: needs tracking (the checkpoint lives in the MLflow run)")
     if progress:
         listeners.append(ProgressPrinter(config.steps))
     listeners.extend(callbacks)
@@ -128,7 +154,9 @@ def run_loop(
         loop = LearningLoop(config, task, optimizer, dict(starting.values), spec=starting.spec,
                             callbacks=listeners, usage=usage)
         try:
-            return loop.run()
+            with loop_context(config), _finish_step_on_sigint(loop, handle_sigint):
+                # loop_context: MLflow's run context provider reads it
+                return loop.run(resume=resume_state)
         except BaseException as exc:
             if tracker is not None and tracker.active:
                 tracker.fail(f"{type(exc).__name__}: {exc}")
@@ -136,3 +164,39 @@ def run_loop(
     finally:
         if task is not None:
             task.close()
+
+
+@contextlib.contextmanager
+def _finish_step_on_sigint(loop: LearningLoop, enabled: bool):
+    """First SIGINT: let the current step finish and be logged, then stop. Second: abort."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if loop.interrupted:
+            raise KeyboardInterrupt
+        loop.interrupted = True
+        print("[genopt] interrupt: finishing the current step (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def resume_loop(run_id: str, *, tracking_uri: str | None = "", **kwargs) -> LoopResult:
+    """Continue the interrupted loop run ``run_id`` with the config it logged."""
+    from .tracking import load_run_checkpoint
+
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        params, _, status = load_run_checkpoint(uri, run_id)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if status == "FINISHED":
+        raise ConfigError(f"run {run_id}: already finished; nothing to resume")
+    return run_loop(LoopConfig.from_params(params), tracking_uri=uri, resume_run_id=run_id,
+                    **kwargs)

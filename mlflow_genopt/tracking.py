@@ -78,7 +78,10 @@ from .config import LoopConfig
 from .events import LoopCallback, LoopResult, LoopStart, StepRecord, VersionRecord
 from .llm.base import LLMCall
 
-__all__ = ["MlflowTracker", "DEFAULT_TRACKING_URI", "MODEL_TYPE"]
+__all__ = [
+    "DEFAULT_TRACKING_URI", "MODEL_TYPE", "MlflowTracker", "find_resumable_run", "load_run_checkpoint",
+    "log_study_summary", "start_study_run", "update_run",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -241,6 +244,9 @@ class MlflowTracker(LoopCallback):
         thread-local active run is not visible).
     asynchronous:
         Write on a background thread (default). ``False`` writes inline and raises on failure.
+    resume_versions:
+        When continuing an interrupted loop in ``run_id``: the versions it already logged (from
+        its checkpoint), so that diffs find their parents and no LoggedModel is created twice.
     run_id:
         Log into this existing run instead of creating one. ``None`` (and not nested): the run
         named by ``$MLFLOW_RUN_ID`` if set, which is how ``mlflow run`` hands its run to the
@@ -259,6 +265,7 @@ class MlflowTracker(LoopCallback):
         parent_run_id: str | None = None,
         asynchronous: bool = True,
         run_id: str | None = None,
+        resume_versions: Iterable[ArtifactVersion] = (),
     ):
         if not isinstance(experiment, str) or not experiment.strip():
             raise ValueError(f"experiment: must be a non-empty name, got {experiment!r}")
@@ -273,6 +280,7 @@ class MlflowTracker(LoopCallback):
         self.parent_run_id = parent_run_id
         self.asynchronous = asynchronous
         self.attach_run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
+        self._resume_versions = list(resume_versions)
 
         self._client: MlflowClient | None = None
         self._run_id: str | None = None
@@ -350,6 +358,7 @@ class MlflowTracker(LoopCallback):
                 f"tracking_uri: {uri!r} is a file store, which is not supported; "
                 "use sqlite:///path/mlflow.db or an http(s):// tracking server"
             )
+        _create_sqlite_store_atomically(uri)
         mlflow.set_tracking_uri(uri)
         self._client = client = MlflowClient(uri)
         attached = client.get_run(self.attach_run_id) if self.attach_run_id else None
@@ -366,6 +375,7 @@ class MlflowTracker(LoopCallback):
 
         tags = {
             **self.tags,
+            "genopt.loop_run": "true",  # only the tracker sets it: marks a learning-loop run
             "genopt.project": config.project,
             "genopt.task": start.task_name,
             "genopt.init": config.init,
@@ -382,12 +392,16 @@ class MlflowTracker(LoopCallback):
             tags = resolve_tags(tags)
         except Exception:
             _logger.debug("could not resolve MLflow context tags", exc_info=True)
+        horizon = f"-h{config.credit_horizon}" if config.credit_horizon is not None else ""
         name = self.run_name or (
-            f"{config.task}-{config.init}-b{config.batch_size}-s{config.seed}"
+            f"{config.task}-{config.init}-b{config.batch_size}{horizon}-s{config.seed}"
         )
         if attached is not None:
             self._run_id = attached.info.run_id
             client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            if attached.info.status != "RUNNING":
+                client.update_run(self._run_id, status="RUNNING")
+            self._preload(client, attached)
             # the launcher (e.g. `mlflow run`) may already have logged some params verbatim
             params_to_log = {k: v for k, v in params.items() if k not in attached.data.params}
         else:
@@ -440,6 +454,25 @@ class MlflowTracker(LoopCallback):
         self._finish(_run_status(result.stop_reason))
 
     # --- run lifecycle ----------------------------------------------------------------------
+
+    def _preload(self, client: MlflowClient, run) -> None:
+        """Continue a run: know the versions and LoggedModels it has, and its cumulative sums."""
+        for version in self._resume_versions:
+            self._versions[version.version_id] = version
+        for model in client.search_logged_models(
+            experiment_ids=[self._experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+        ):
+            version_id = model.tags.get("genopt.version_id")
+            if version_id:
+                self._model_ids[version_id] = model.model_id
+        metrics = run.data.metrics
+        self._tokens_cum = int(metrics.get("total_tokens_cum", 0))
+        self._cost_cum = float(metrics.get("cost_usd_cum", 0.0))
+        checkpoint = run.data.tags.get("genopt.checkpoint_step")
+        if checkpoint is not None:
+            self._last_step = self._phase = int(checkpoint)
+            self._phase += 1
 
     def _get_or_create_experiment(self, client: MlflowClient, uri: str) -> str:
         existing = client.get_experiment_by_name(self.experiment)
@@ -534,11 +567,18 @@ class MlflowTracker(LoopCallback):
             if _finite(value)
         )
 
-    def _log_metrics(self) -> None:
-        """One ``log_batch`` for everything queued: each store call costs ~20 ms of CPU."""
+    def _log_metrics(self, tags: Mapping[str, str] | None = None) -> None:
+        """One ``log_batch`` for everything queued (each store call costs ~20 ms of CPU);
+        ``tags`` go into the last batch."""
         entries, self._pending_metrics = self._pending_metrics, []
-        for i in range(0, len(entries), _MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self._run_id, metrics=entries[i : i + _MAX_METRICS_PER_BATCH])
+        chunks = [entries[i : i + _MAX_METRICS_PER_BATCH]
+                  for i in range(0, len(entries), _MAX_METRICS_PER_BATCH)] or [[]]
+        run_tags = [RunTag(k, v) for k, v in (tags or {}).items()]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if chunk or (last and run_tags):
+                self._client.log_batch(self._run_id, metrics=chunk,
+                                       tags=run_tags if last else [])
 
     def _write_version(self, record: VersionRecord, timestamp: int) -> None:
         version = record.version
@@ -551,6 +591,16 @@ class MlflowTracker(LoopCallback):
         parent = self._versions.get(version.parent_id) if version.parent_id else None
         if parent is not None:
             files["diff.patch"] = diff(parent, version)
+        if version_id in self._model_ids:  # logged before an interruption: reuse, never twice
+            self._write_files(files, f"versions/{version_id}")
+            metrics = {"val_score": record.val_score}
+            metrics.update({f"val_{k}": v for k, v in record.val_metrics.items()})
+            if record.batch_score is not None:
+                metrics["candidate_batch_score"] = record.batch_score
+            self._add_metrics(metrics, version.step, timestamp,
+                              model_id=self._model_ids[version_id])
+            self._version_metrics[version_id] = metrics
+            return
 
         model = mlflow.create_external_model(
             name=version_id,
@@ -627,10 +677,6 @@ class MlflowTracker(LoopCallback):
         ):
             metrics["candidate_batch_score"] = record.candidate_batch_score
         self._add_metrics(metrics, step, timestamp)
-        self._log_metrics()
-        self._last_step = step
-        self._last_best = record.best_val_score
-        self._phase = step + 1
 
         proposal = {
             "candidate_id": record.candidate_id,
@@ -648,7 +694,15 @@ class MlflowTracker(LoopCallback):
         }
         if record.candidate_trials:
             files["candidate_trials.jsonl"] = _jsonl(t.to_dict() for t in record.candidate_trials)
+        if record.checkpoint:
+            files["checkpoint.json"] = _dumps(record.checkpoint)
         self._write_files(files, f"steps/{step:03d}")
+        # The step counts as logged only once this batch lands: its metrics and the checkpoint
+        # tag are one store call, so a crash leaves either all of them or none.
+        self._log_metrics(tags={"genopt.checkpoint_step": str(step)} if record.checkpoint else None)
+        self._last_step = step
+        self._last_best = record.best_val_score
+        self._phase = step + 1
 
     def _write_result(self, result: LoopResult, timestamp: int) -> None:
         selected_id = result.selected.version_id
@@ -833,3 +887,181 @@ class MlflowTracker(LoopCallback):
                 "usage": attributes[SpanAttributeKey.CHAT_USAGE],
             }
         span.end(outputs=outputs, end_time_ns=call.end_time_ns)
+
+
+# --- studies ----------------------------------------------------------------------------------
+# mlflow_genopt.study (the only module that talks to Optuna) records a study as one parent run
+# with one nested MlflowTracker run per trial; these helpers are the few parent-run writes it
+# needs, so that it never imports MLflow itself.
+
+
+def start_study_run(
+    tracking_uri: str,
+    experiment: str,
+    *,
+    run_name: str,
+    tags: Mapping[str, str],
+    run_id: str | None = None,
+) -> tuple[str, str, bool]:
+    """The parent run of a study: ``$MLFLOW_RUN_ID`` when set (``mlflow run`` made it), else
+    ``run_id`` reopened (status back to RUNNING; a resumed study), else a new run in
+    ``experiment``. Returns ``(run_id, experiment name, owned)``; ``owned`` is False for the
+    ``mlflow run`` run, whose launcher ends it."""
+    if urlparse(tracking_uri).scheme in ("", "file"):
+        raise ValueError(
+            f"tracking_uri: {tracking_uri!r} is a file store, which is not supported; "
+            "use sqlite:///path/mlflow.db or an http(s):// tracking server"
+        )
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run_tags = [RunTag(k, _truncate(str(v))) for k, v in tags.items()]
+    attach = os.environ.get("MLFLOW_RUN_ID")
+    owned = attach is None
+    existing = None
+    for candidate in (attach, run_id):
+        if not candidate:
+            continue
+        try:
+            existing = client.get_run(candidate)
+        except MlflowException:
+            existing = None
+        if existing is not None and existing.info.lifecycle_stage != "deleted":
+            owned = candidate != attach
+            break
+        existing = None
+    if existing is not None:
+        found = existing.info.run_id
+        client.log_batch(found, tags=run_tags)
+        if owned and existing.info.status != RunStatus.to_string(RunStatus.RUNNING):
+            client.update_run(found, status=RunStatus.to_string(RunStatus.RUNNING))
+        return found, client.get_experiment(existing.info.experiment_id).name, owned
+    # the same experiment (and SQLite artifact location) a loop's tracker would create
+    experiment_id = MlflowTracker(tracking_uri, experiment)._get_or_create_experiment(
+        client, tracking_uri
+    )
+    all_tags = {k: _truncate(str(v)) for k, v in tags.items()}
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        all_tags = resolve_tags(all_tags)
+    except Exception:
+        _logger.debug("could not resolve MLflow context tags", exc_info=True)
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id, experiment, True
+
+
+def update_run(
+    tracking_uri: str,
+    run_id: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    step: int = 0,
+    status: str | None = None,
+) -> None:
+    """Tags, metrics (at ``step``) and optionally a terminal ``status`` (``FINISHED``,
+    ``FAILED``, ``KILLED``) for an existing run, in one ``log_batch``."""
+    client = MlflowClient(tracking_uri)
+    now = _now_ms()
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if _finite(v)],
+        tags=[RunTag(k, _truncate(str(v))) for k, v in (tags or {}).items()],
+    )
+    if status is not None:
+        client.set_terminated(run_id, status)
+
+
+def log_study_summary(
+    tracking_uri: str,
+    run_id: str,
+    directory: str | Path,
+    *,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str] | None = None,
+    step: int = 0,
+    status: str | None = None,
+) -> None:
+    """Log a study's summary folder (tables, plots, ``recommended.yaml``) as the parent run's
+    artifacts, with its metrics (at ``step``: the number of finished trials, so that a resumed
+    study adds to the history) and tags; end the run with ``status`` when given."""
+    MlflowClient(tracking_uri).log_artifacts(run_id, str(directory))
+    update_run(tracking_uri, run_id, tags=tags, metrics=metrics, step=step, status=status)
+
+
+# --- resuming interrupted loops ---------------------------------------------------------------
+def load_run_checkpoint(tracking_uri: str, run_id: str) -> tuple[dict[str, str], dict | None, str]:
+    """``(params, checkpoint or None, status)`` of a loop run.
+
+    The checkpoint is the loop state after the last step whose metrics landed (tag
+    ``genopt.checkpoint_step``); ``None`` when no step completed. Raises ``ValueError`` with one
+    line when the run does not exist or is not a genopt loop.
+    """
+    _require_existing_sqlite(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"run {run_id}: not found in {tracking_uri}") from None
+    if run.data.tags.get("genopt.loop_run") != "true":
+        raise ValueError(f"run {run_id}: not a genopt learning loop (no genopt.loop_run tag)")
+    step = run.data.tags.get("genopt.checkpoint_step")
+    checkpoint = None
+    if step is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, f"steps/{int(step):03d}/checkpoint.json", tmp)
+            checkpoint = json.loads(Path(path).read_text())
+    return dict(run.data.params), checkpoint, run.info.status
+
+
+def _create_sqlite_store_atomically(tracking_uri: str) -> None:
+    """Create a missing SQLite store under a temporary name, then rename it into place.
+
+    MLflow migrates a new database in many statements; a process killed meanwhile would leave a
+    half-migrated file that every later run fails on ("duplicate column name").
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri[len("sqlite:///"):])
+    if path.exists() or str(path) == ":memory:":
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.creating")
+    try:
+        MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
+        try:
+            os.link(partial, path)  # fails if another process created it meanwhile: keep theirs
+        except FileExistsError:
+            pass
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _require_existing_sqlite(tracking_uri: str) -> None:
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise ValueError(f"tracking_uri: no MLflow database at {path}")
+
+
+def find_resumable_run(tracking_uri: str, experiment: str, config_hash: str) -> str | None:
+    """The newest unfinished (RUNNING, KILLED or FAILED) loop run with this config hash."""
+    try:
+        _require_existing_sqlite(tracking_uri)
+    except ValueError:
+        return None  # a new store has nothing to resume
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`genopt.config_hash` = '{config_hash}' "
+        "and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+    )
+    # a study's trials belong to the study (Optuna retries them), never to `genopt run`
+    standalone = [r for r in runs
+                  if r.data.tags.get("genopt.loop_run") == "true" and "genopt.study" not in r.data.tags]
+    return standalone[0].info.run_id if standalone else None

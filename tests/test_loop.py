@@ -293,3 +293,64 @@ def test_learning_context_too_long_for_the_optimizer_is_an_invalid_proposal():
     result = loop.run()
     assert result.steps[0].invalid_reason.startswith("learning context too long for the optimizer")
     assert result.steps[1].valid and result.selected.values["prompt"] == "india"
+
+
+def test_resume_from_a_checkpoint_continues_exactly_like_an_uninterrupted_loop():
+    import json as _json
+
+    from mlflow_genopt.loop import LoopState
+
+    responses = [answer("india"), answer("zulu"), answer("india juliet"), answer("kilo"),
+                 answer("india juliet kilo")]
+    full, _, _ = make_loop(responses, acceptance="improve", seed=3, memory_size=2)
+    uninterrupted = full.run()
+
+    class CrashAfterTwo(LoopCallback):
+        def on_step(self, record):
+            if record.step == 2:
+                raise StopLoop("simulated crash")
+
+    first, _, _ = make_loop(responses, acceptance="improve", seed=3, memory_size=2,
+                            callbacks=[CrashAfterTwo()])
+    crashed = first.run()
+    checkpoint = _json.loads(_json.dumps(crashed.steps[-1].checkpoint))  # through JSON
+    second, _, llm = make_loop(responses[2:], acceptance="improve", seed=3, memory_size=2,
+                               steps=5)
+    resumed = second.run(resume=LoopState.from_dict(checkpoint))
+
+    assert [s.step for s in resumed.steps] == [3, 4, 5]
+    assert [s.batch_ids for s in crashed.steps + resumed.steps] == [
+        s.batch_ids for s in uninterrupted.steps]
+    assert [s.context for s in resumed.steps] == [s.context for s in uninterrupted.steps[2:]]
+    assert [v.version.version_id for v in resumed.versions] == [
+        v.version.version_id for v in uninterrupted.versions]
+    assert resumed.selected == uninterrupted.selected
+    assert resumed.test_score == uninterrupted.test_score
+
+
+def test_interrupted_loop_stops_after_the_step_and_skips_the_final_test():
+    class Interrupt(LoopCallback):
+        def __init__(self):
+            self.loop = None
+
+        def on_step(self, record):
+            self.loop.interrupted = True
+
+    interrupt = Interrupt()
+    loop, task, _ = make_loop([answer("india"), answer("juliet")], callbacks=[interrupt])
+    interrupt.loop = loop
+    result = loop.run()
+    assert result.stop_reason == "interrupted" and len(result.steps) == 1
+    assert result.test_score is None
+    test_ids = {e.id for e in task.examples("test")}
+    assert not any(set(ids) & test_ids for _, ids in task.calls)
+
+
+def test_diff_of_a_changed_last_line_without_newline_keeps_lines_apart():
+    from mlflow_genopt import diff
+
+    old = ArtifactVersion({"prompt": "Think.\nThe answer is <answer>."}, 0)
+    new = old.child({"prompt": "Think.\nEnd with: The answer is X."}, 1)
+    patch = diff(old, new)
+    assert "-The answer is <answer>.\n+End with: The answer is X.\n" in patch
+    assert patch.splitlines()[0] == f"--- {old.version_id}/prompt"

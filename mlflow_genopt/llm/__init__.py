@@ -26,8 +26,17 @@ from mlflow_genopt.llm.base import (
 )
 from mlflow_genopt.llm.cache import CachedLLM
 from mlflow_genopt.llm.llama_cpp import LlamaCppLLM, locate_smollm2
-from mlflow_genopt.llm.openai_compat import OpenAICompatibleLLM, RetryCallback
 from mlflow_genopt.llm.scripted import ScriptedLLM
+
+
+def __getattr__(name: str):
+    # The openai client costs ~0.4 s to import; MLflow imports this package through our run
+    # context provider on every `import mlflow`, so load it only when an endpoint is used.
+    if name in ("OpenAICompatibleLLM", "RetryCallback"):
+        from mlflow_genopt.llm import openai_compat
+
+        return getattr(openai_compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "LLM",
@@ -57,7 +66,7 @@ def make_llm(
     cache_dir: Path | str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
-    on_retry: RetryCallback | None = None,
+    on_retry: "RetryCallback | None" = None,
 ) -> LLM:
     """The LLM named by ``spec`` (forms in the module docstring), wrapped in a
     :class:`CachedLLM` when ``cache_dir`` is given. ``base_url``, ``api_key`` and ``on_retry``
@@ -73,6 +82,8 @@ def make_llm(
     elif spec.lower().endswith(".gguf"):
         llm = LlamaCppLLM(spec)
     elif spec.startswith("openai:"):
+        from mlflow_genopt.llm.openai_compat import OpenAICompatibleLLM
+
         llm = OpenAICompatibleLLM(
             _nonempty(spec, "openai:"), base_url=base_url, api_key=api_key, on_retry=on_retry
         )

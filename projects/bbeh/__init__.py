@@ -26,6 +26,10 @@ PROJECT = SimpleProject(
     task_factory=make_task,
     defaults={"task": "generated_boolean", "init": "prompt_only", "steps": 5,
               "batch_size": 3},
+    # The study's two choices for prompt optimization: the starting artifact and the experience
+    # batch (1, 3, 5 trials per update). BBEH trials have no multi-step trace, so the credit
+    # horizon changes nothing here and is left out (add it with --param credit_horizon=...).
+    search_space={"init": ["prompt_only", "prompt_and_extraction"], "batch_size": [1, 3, 5]},
 )
 
 __all__ = ["PROJECT", "BBEHTask", "SPEC"]

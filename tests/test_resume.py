@@ -1,0 +1,143 @@
+"""Crash and resume through the real CLI: SIGKILL at random moments, SIGINT, `genopt resume`.
+
+The optimizer and task model are scripted (answers from files) behind the real response cache;
+the sandbox, SQLite store and MLflow tracker are real. A first, uninterrupted run fills the
+cache; the interrupted runs replay it, so their histories must equal the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+STEPS = 6
+
+
+def command(tmp_path, db: str, *extra: str) -> list[str]:
+    proposals = [json.dumps({"reasoning": f"r{i}", "prompt": f"Variant {i}.\n{{question}}\nThe answer is"})
+                 for i in range(4)] + ["not json"]
+    (tmp_path / "optimizer.json").write_text(json.dumps(proposals))
+    (tmp_path / "task.json").write_text(json.dumps(["The answer is True.", "The answer is False.",
+                                                     "I think True", "The answer is False"]))
+    return [sys.executable, "-m", "mlflow_genopt.cli", "run", "bbeh", "--steps", str(STEPS),
+            "--batch-size", "2", "--acceptance", "always", "--option", "train_size=8",
+            "--option", "val_size=4", "--option", "test_size=4",
+            "--optimizer-model", f"scripted:{tmp_path / 'optimizer.json'}",
+            "--task-model", f"scripted:{tmp_path / 'task.json'}",
+            "--cache-dir", str(tmp_path / "cache"), "--tracking-uri", f"sqlite:///{tmp_path / db}",
+            "--quiet", *extra]
+
+
+def checkpoint_step(db_path) -> int:
+    if not db_path.exists():
+        return -1
+    try:
+        with sqlite3.connect(db_path, timeout=1) as con:
+            row = con.execute(
+                "select value from tags where key = 'genopt.checkpoint_step'").fetchone()
+    except sqlite3.Error:
+        return -1
+    return int(row[0]) if row else 0
+
+
+def history(db: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(db)
+    experiment = client.get_experiment_by_name("genopt")
+    (run,) = client.search_runs([experiment.experiment_id])
+    per_metric = {}
+    for key in ("batch_score", "val_score", "accepted", "valid", "best_val_score"):
+        entries = client.get_metric_history(run.info.run_id, key)
+        per_metric[key] = sorted((m.step, m.value) for m in entries)
+    models = sorted(m.name for m in client.search_logged_models([experiment.experiment_id]))
+    return run, per_metric, models
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    done = subprocess.run(command(tmp, "reference.db"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return tmp, history(f"sqlite:///{tmp / 'reference.db'}")
+
+
+def test_sigkill_at_random_moments_then_rerun_resumes_without_loss_or_duplicates(reference):
+    tmp, (ref_run, ref_history, ref_models) = reference
+    db = tmp / "killed.db"
+    rng = random.Random(int(os.environ.get("GENOPT_TEST_SEED", "7")))
+    kills = 0
+    for _ in range(2):  # two kills at random moments, each after some progress
+        process = subprocess.Popen(command(tmp, "killed.db"), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        target = max(checkpoint_step(db), 0) + 1
+        deadline = time.monotonic() + 120
+        while checkpoint_step(db) < target and process.poll() is None:
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.4))  # somewhere inside the next step
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+    assert kills >= 1
+
+    done = subprocess.run(command(tmp, "killed.db"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming unfinished run" in done.stderr
+    run, resumed_history, models = history(f"sqlite:///{db}")
+    assert run.info.status == "FINISHED"
+    assert resumed_history == ref_history  # every step once, same values
+    assert [step for step, _ in resumed_history["batch_score"]] == list(range(1, STEPS + 1))
+    assert models == ref_models  # no LoggedModel created twice
+    assert run.data.metrics["test_score"] == ref_run.data.metrics["test_score"]
+
+
+def test_sigint_finishes_the_step_exits_130_and_resume_command_continues(reference):
+    tmp, (ref_run, ref_history, _) = reference
+    db = tmp / "interrupted.db"
+    process = subprocess.Popen(command(tmp, "interrupted.db"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while checkpoint_step(db) < 1 and process.poll() is None:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "finishing the current step" in err
+
+    run, partial, _ = history(f"sqlite:///{db}")
+    assert run.info.status == "KILLED"
+    logged = [step for step, _ in partial["batch_score"]]
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) < STEPS
+    assert "test_score" not in run.data.metrics
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow_genopt.cli", "resume", run.info.run_id,
+         "--tracking-uri", f"sqlite:///{db}", "--cache-dir", str(tmp / "cache"), "--quiet"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run, resumed_history, _ = history(f"sqlite:///{db}")
+    assert run.info.status == "FINISHED" and resumed_history == ref_history
+
+
+def test_resume_of_an_unknown_or_finished_run_is_a_one_line_error(reference, tmp_path):
+    tmp, (ref_run, _, _) = reference
+    uri = f"sqlite:///{tmp / 'reference.db'}"
+    for run_id, message in ((ref_run.info.run_id, "already finished"),
+                            ("0" * 32, "not found")):
+        done = subprocess.run([sys.executable, "-m", "mlflow_genopt.cli", "resume", run_id,
+                               "--tracking-uri", uri], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2 and message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
