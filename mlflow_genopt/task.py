@@ -105,6 +105,18 @@ class Task(Protocol):
     def close(self) -> None: ...
 
 
+class FixedSplits:
+    """Mixin for tasks whose splits are fixed at construction: set ``self._splits`` to
+    ``{"train": [...], "val": [...], "test": [...]}`` and ``examples`` honours the contract."""
+
+    _splits: Mapping[str, Sequence[Example]]
+
+    def examples(self, split: str) -> Sequence[Example]:
+        if split not in SPLITS:
+            raise ValueError(f"split: must be train, val or test, got {split!r}")
+        return self._splits.get(split, ())
+
+
 @runtime_checkable
 class ExportingTask(Task, Protocol):
     """A task that can also write deliverables of the selected version.

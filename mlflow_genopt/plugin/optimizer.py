@@ -54,7 +54,7 @@ from ..llm import LLM, make_llm
 from ..llm.base import ObservedLLM
 from ..loop import LearningLoop, UsageMeter
 from ..optimizer import Optimizer
-from ..task import Example, Trial
+from ..task import Example, FixedSplits, Trial
 from .active import loop_context
 
 __all__ = ["GenoptPromptOptimizer"]
@@ -95,7 +95,7 @@ def _model_spec(model: str) -> str:
     return f"{provider}:{rest}" if sep and provider == "openai" else model
 
 
-class _EvalFnTask:
+class _EvalFnTask(FixedSplits):
     """A genopt task over MLflow's evaluation function: one trial per training record."""
 
     def __init__(self, name: str, objective: str, spec: ArtifactSpec, names: Mapping[str, str],
@@ -106,11 +106,6 @@ class _EvalFnTask:
         self._names = dict(names)  # parameter -> MLflow prompt name
         self._eval_fn = eval_fn
         self._splits = {"train": train, "val": val, "test": []}
-
-    def examples(self, split: str) -> Sequence[Example]:
-        if split not in self._splits:
-            raise ValueError(f"split: must be train, val or test, got {split!r}")
-        return self._splits[split]
 
     def evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]:
         if not examples:

@@ -15,7 +15,7 @@ from mlflow_genopt.artifact import ArtifactSpec, ArtifactVersion, Parameter
 from mlflow_genopt.config import ConfigError, LoopConfig
 from mlflow_genopt.llm.base import LLM, PromptTooLong
 from mlflow_genopt.sandbox import SandboxLimits, run_function
-from mlflow_genopt.task import Example, Trial
+from mlflow_genopt.task import Example, FixedSplits, Trial
 
 from .data import load_examples
 from .scoring import DEFAULT_EXTRACTOR, is_correct
@@ -48,7 +48,7 @@ OBJECTIVE = (
 )
 
 
-class BBEHTask:
+class BBEHTask(FixedSplits):
     """One BBEH (or generated BBEH-format) task, split train/val/test with a fixed seed.
 
     Options (``LoopConfig.task_options``): ``data_dir`` (a BBEH ``benchmark_tasks`` dir),
@@ -86,11 +86,6 @@ class BBEHTask:
         self.max_workers = max_workers
         self.seed = seed
         self.limits = SandboxLimits(timeout_s=extract_timeout_s, memory_mb=512)
-
-    def examples(self, split: str) -> Sequence[Example]:
-        if split not in self._splits:
-            raise ValueError(f"split: must be train, val or test, got {split!r}")
-        return self._splits[split]
 
     def _ask(self, prompt: str, example: Example) -> str | PromptTooLong:
         content = prompt.replace(PLACEHOLDER, str(example.input))

@@ -79,7 +79,7 @@ import numpy as np
 from mlflow_genopt.artifact import ArtifactSpec, ArtifactVersion
 from mlflow_genopt.config import ConfigError, LoopConfig
 from mlflow_genopt.sandbox import SandboxLimits, SandboxResult, run_function
-from mlflow_genopt.task import Example, Trial
+from mlflow_genopt.task import Example, FixedSplits, Trial
 
 from .data import GENERIC_TASK, TASKS, TabularData, TaskDefinition, generic_definition, load_task_data
 from .metrics import METRICS, Metric, canonical_label, failure_floor, score_predictions
@@ -137,7 +137,7 @@ class _Outcome:
     predictions_head: list[Any] = field(default_factory=list)
 
 
-class TabularTask:
+class TabularTask(FixedSplits):
     """A tabular prediction task (see the module docstring for splits, scores and export).
 
     Options (``LoopConfig.task_options``): ``data_dir`` (directory in Kaggle or MLAgentBench
@@ -305,11 +305,6 @@ class TabularTask:
         self._splits[split].append(Example(example_id, description))
 
     # --- Task protocol ------------------------------------------------------------------
-    def examples(self, split: str) -> Sequence[Example]:
-        if split not in self._splits:
-            raise ValueError(f"split: must be train, val or test, got {split!r}")
-        return self._splits[split]
-
     def evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]:
         if not examples:
             return []
