@@ -859,10 +859,28 @@ def _can_become(uid: int) -> bool:
     return True
 
 
+def _own_package_dirs() -> list[str]:
+    """Where this library and its case studies live. An editable install maps them to the
+    source checkout through an import hook rather than ``sys.path``, so trusted preambles that
+    import them (e.g. the Atari worker) need these directories exposed explicitly."""
+    import importlib.util
+
+    dirs = []
+    for name in ("mlflow_genopt", "genopt_projects"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.submodule_search_locations:
+            dirs.extend(p for p in spec.submodule_search_locations if os.path.isdir(p))
+    return dirs
+
+
 def _paths_python_needs(scratch: str) -> list[str]:
     candidates = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, scratch,
                   os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.__file__)}
     candidates.update(entry for entry in sys.path if entry and os.path.isdir(entry))
+    candidates.update(_own_package_dirs())
     real = sorted({os.path.realpath(path) for path in candidates if os.path.exists(path)})
     # a path inside another needed path comes along with it
     return [path for path in real if not any(path != other and path.startswith(other.rstrip("/") + "/") for other in real)]

@@ -499,3 +499,20 @@ def test_bad_arguments_are_rejected_before_anything_runs():
         SandboxLimits(timeout_s=0)
     assert run_function("", "f", []) == []
     assert isinstance(SandboxResult(ok=True), SandboxResult)
+
+
+def test_trusted_preamble_can_import_the_case_studies_wherever_they_are_installed():
+    """Editable installs map genopt_projects to the checkout through an import hook, not
+    sys.path; a checkout under a 0700 directory (mktemp -d) must still be importable."""
+    import genopt_projects
+
+    from mlflow_genopt.sandbox import _own_package_dirs
+
+    assert os.path.dirname(genopt_projects.__file__) in _own_package_dirs()
+    (result,) = run_function(
+        "def f(answer, target):\n    return is_correct(answer, target)\n", "f",
+        [(["(A)", "a"], {})],
+        preamble="from genopt_projects.bbeh.scoring import is_correct\n",
+        limits=SandboxLimits(timeout_s=20),
+    )
+    assert result.ok and result.value is True
