@@ -226,12 +226,16 @@ def _load_json_object(raw: str) -> dict[str, Any]:
     text = strip_fences(raw.strip())
     try:
         data = json.loads(text, strict=False)  # small models emit raw control chars in strings
+    except RecursionError:
+        raise InvalidProposal("answer is not usable JSON (nested too deeply)") from None
     except json.JSONDecodeError as first_error:
         start, end = text.find("{"), text.rfind("}")
         if start == -1 or end <= start:
             raise InvalidProposal(f"answer is not JSON ({first_error.msg} at char {first_error.pos})")
         try:
             data = json.loads(text[start : end + 1], strict=False)
+        except RecursionError:
+            raise InvalidProposal("answer is not usable JSON (nested too deeply)") from None
         except json.JSONDecodeError as exc:
             raise InvalidProposal(f"answer is not JSON ({exc.msg} at char {exc.pos})") from None
     if not isinstance(data, dict):
@@ -244,6 +248,12 @@ def validate_value(parameter: Parameter, value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidProposal(f"{parameter.name}: expected a string, got {type(value).__name__}")
     value = strip_fences(value).strip("\n")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, from a "\udc80" escape in the JSON
+        raise InvalidProposal(
+            f"{parameter.name}: not valid Unicode text (lone surrogate at character {exc.start})"
+        ) from None
     if not value.strip():
         raise InvalidProposal(f"{parameter.name}: empty value")
     if len(value) > parameter.length_limit:

@@ -396,11 +396,28 @@ class _LineChannel:
             line = bytes(self._buf[:newline])
             del self._buf[: newline + 1]
             try:
-                record = json.loads(line.decode("utf-8", errors="replace"))
-            except ValueError:
+                record = _valid_unicode(json.loads(line.decode("utf-8", errors="replace")))
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict):
                 self.records.append(record)
+
+
+def _valid_unicode(value: Any) -> Any:
+    """``value`` (parsed JSON) with lone surrogates in its strings replaced by U+FFFD. The child
+    escapes them as ``"\\udc80"``; left in, they make every later UTF-8 encode fail (MLflow
+    artifacts, the response cache, the next LLM request)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_valid_unicode(item) for item in value]
+    if isinstance(value, dict):
+        return {_valid_unicode(k): _valid_unicode(v) for k, v in value.items()}
+    return value
 
 
 def _execute(job: dict, n_results: int, limits: SandboxLimits, files, workdir_keep: bool):

@@ -78,6 +78,8 @@ from .config import LoopConfig
 from .events import LoopCallback, LoopResult, LoopStart, StepRecord, VersionRecord
 from .llm.base import LLMCall
 
+STEP_SENTINEL_METRIC = "step_wall_time_s"  # logged with every step's metrics
+
 __all__ = [
     "DEFAULT_TRACKING_URI", "MODEL_TYPE", "MlflowTracker", "find_resumable_run", "load_run_checkpoint",
     "log_study_summary", "start_study_run", "update_run",
@@ -469,10 +471,10 @@ class MlflowTracker(LoopCallback):
         metrics = run.data.metrics
         self._tokens_cum = int(metrics.get("total_tokens_cum", 0))
         self._cost_cum = float(metrics.get("cost_usd_cum", 0.0))
-        checkpoint = run.data.tags.get("genopt.checkpoint_step")
-        if checkpoint is not None:
-            self._last_step = self._phase = int(checkpoint)
-            self._phase += 1
+        checkpoint = last_logged_step(client, run.info.run_id)
+        if checkpoint:
+            self._last_step = checkpoint
+            self._phase = checkpoint + 1
 
     def _get_or_create_experiment(self, client: MlflowClient, uri: str) -> str:
         existing = client.get_experiment_by_name(self.experiment)
@@ -697,8 +699,8 @@ class MlflowTracker(LoopCallback):
         if record.checkpoint:
             files["checkpoint.json"] = _dumps(record.checkpoint)
         self._write_files(files, f"steps/{step:03d}")
-        # The step counts as logged only once this batch lands: its metrics and the checkpoint
-        # tag are one store call, so a crash leaves either all of them or none.
+        # The step counts as logged once this batch's metrics land (one transaction, after the
+        # checkpoint file); the tag is informational: SQL stores commit tags separately.
         self._log_metrics(tags={"genopt.checkpoint_step": str(step)} if record.checkpoint else None)
         self._last_step = step
         self._last_best = record.best_val_score
@@ -1005,9 +1007,9 @@ def load_run_checkpoint(tracking_uri: str, run_id: str) -> tuple[dict[str, str],
         raise ValueError(f"run {run_id}: not found in {tracking_uri}") from None
     if run.data.tags.get("genopt.loop_run") != "true":
         raise ValueError(f"run {run_id}: not a genopt learning loop (no genopt.loop_run tag)")
-    step = run.data.tags.get("genopt.checkpoint_step")
+    step = last_logged_step(client, run_id)
     checkpoint = None
-    if step is not None:
+    if step:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run_id, f"steps/{int(step):03d}/checkpoint.json", tmp)
             checkpoint = json.loads(Path(path).read_text())
@@ -1035,6 +1037,14 @@ def _create_sqlite_store_atomically(tracking_uri: str) -> None:
             pass
     finally:
         partial.unlink(missing_ok=True)
+
+
+def last_logged_step(client: MlflowClient, run_id: str) -> int:
+    """The last step whose metrics landed (0: none). MLflow's SQL store commits a batch's
+    metrics in one transaction but its tags in another, so the step's own metrics, not the
+    ``genopt.checkpoint_step`` tag, say what was logged; its checkpoint file precedes them."""
+    history = client.get_metric_history(run_id, STEP_SENTINEL_METRIC)
+    return max((m.step for m in history), default=0)
 
 
 def _require_existing_sqlite(tracking_uri: str) -> None:

@@ -42,10 +42,10 @@ def checkpoint_step(db_path) -> int:
     try:
         with sqlite3.connect(db_path, timeout=1) as con:
             row = con.execute(
-                "select value from tags where key = 'genopt.checkpoint_step'").fetchone()
+                "select max(step) from metrics where key = 'step_wall_time_s'").fetchone()
     except sqlite3.Error:
         return -1
-    return int(row[0]) if row else 0
+    return int(row[0]) if row and row[0] is not None else 0
 
 
 def history(db: str):

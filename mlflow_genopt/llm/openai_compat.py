@@ -9,6 +9,7 @@ that the final error names the endpoint and the fix in one line.
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import random
 import re
@@ -41,8 +42,12 @@ class OpenAICompatibleLLM:
     server (any ``base_url`` not on api.openai.com) needs no key. Transient failures (connection
     errors, timeouts, 408, 429, 5xx) are retried up to ``max_retries`` times with exponential
     backoff and jitter starting at ``backoff_s``; a 429's ``Retry-After`` header, when present,
-    sets the wait instead. Everything else (rejected key, unknown model, bad request) raises
-    :class:`LLMError` at once. Safe to call from several threads: the ``openai`` client is, and
+    sets the wait instead. A body that is not a chat completion (not JSON, not UTF-8, no
+    choices) counts as a transient failure too. Everything else (rejected key, unknown model, bad
+    request) raises :class:`LLMError` at once. ``timeout_s`` (60), ``max_retries`` (4) and
+    ``backoff_s`` (1) default to the environment variables ``GENOPT_LLM_TIMEOUT_S``,
+    ``GENOPT_LLM_MAX_RETRIES`` and ``GENOPT_LLM_BACKOFF_S`` when set, so that a command line can
+    bound how long an unreachable endpoint is waited for. Safe to call from several threads: the ``openai`` client is, and
     the only mutable state is a flag that only ever goes from False to True.
     """
 
@@ -52,15 +57,16 @@ class OpenAICompatibleLLM:
         *,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout_s: float = 60.0,
-        max_retries: int = 4,
-        backoff_s: float = 1.0,
+        timeout_s: float | None = None,
+        max_retries: int | None = None,
+        backoff_s: float | None = None,
         on_retry: RetryCallback | None = None,
     ) -> None:
         if not model:
             raise LLMError("no model name given: pass e.g. 'openai:gpt-4.1-mini'")
-        if max_retries < 0:
-            raise LLMError(f"max_retries must be >= 0, got {max_retries}")
+        timeout_s = _setting("timeout_s", timeout_s, 60.0, float, 0.001)
+        max_retries = _setting("max_retries", max_retries, 4, int, 0)
+        backoff_s = _setting("backoff_s", backoff_s, 1.0, float, 0.0)
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
         if api_key is None:
@@ -97,7 +103,11 @@ class OpenAICompatibleLLM:
     ) -> Completion:
         """One chat completion. ``latency_s`` is the wall time the caller waited, retries and
         backoff included; ``attempts`` counts the HTTP requests made."""
-        request: dict[str, Any] = {"model": self.model, "messages": [dict(m) for m in messages]}
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{k: _valid_unicode(v) if isinstance(v, str) else v for k, v in m.items()}
+                         for m in messages],
+        }
         if _REASONING_MODEL.match(self.model.lower()):
             request["max_completion_tokens"] = max_tokens
         else:
@@ -115,7 +125,16 @@ class OpenAICompatibleLLM:
             attempts += 1
             try:
                 response = self._client.chat.completions.create(**request)
+                text, finish_reason, usage = _read_response(response)
                 break
+            except _MALFORMED as exc:  # an answer, but not an OpenAI-shaped JSON body
+                error = f"malformed response ({_one_line(f'{type(exc).__name__}: {exc}', 120)})"
+                if transient_failures >= self.max_retries:
+                    raise LLMError(
+                        f"LLM endpoint {self.base_url} sent no usable answer after {attempts} "
+                        f"attempts: {error}; check that it is an OpenAI-compatible chat endpoint"
+                    ) from None
+                sleep_s = self._backoff(transient_failures)
             except openai.APIConnectionError as exc:  # includes APITimeoutError
                 error = _connection_reason(exc, self.timeout_s)
                 if transient_failures >= self.max_retries:
@@ -170,21 +189,16 @@ class OpenAICompatibleLLM:
             time.sleep(sleep_s)
 
         latency_s = time.perf_counter() - start
-        if not response.choices:
-            raise LLMError(f"LLM endpoint {self.base_url} returned no choices for {self.model!r}")
-        choice = response.choices[0]
-        usage = response.usage
-        prompt_tokens = (usage.prompt_tokens or 0) if usage else 0
-        completion_tokens = (usage.completion_tokens or 0) if usage else 0
+        prompt_tokens, completion_tokens = usage
         return Completion(
-            text=choice.message.content or "",
+            text=text,
             model=self.model,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             latency_s=latency_s,
             cost_usd=cost_usd(self.model, prompt_tokens, completion_tokens),
             attempts=attempts,
-            finish_reason=choice.finish_reason,
+            finish_reason=finish_reason,
         )
 
     def _response_format(self, json_schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,6 +213,69 @@ class OpenAICompatibleLLM:
     def _backoff(self, failures_so_far: int) -> float:
         base = min(self.backoff_s * 2**failures_so_far, _MAX_BACKOFF_S)
         return base * random.uniform(0.5, 1.5)
+
+
+def _setting(name: str, value: Any, default: Any, kind: type, minimum: float) -> Any:
+    """``value``, else ``$GENOPT_LLM_<NAME>``, else ``default``; one-line :class:`LLMError` if
+    it is not a ``kind`` >= ``minimum``."""
+    variable = f"GENOPT_LLM_{name.upper()}"
+    source = name
+    if value is None:
+        raw = os.environ.get(variable, "").strip()
+        if not raw:
+            return default
+        value, source = raw, f"${variable}"
+    try:
+        number = kind(value)
+        if kind is int and number != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or not number >= minimum:
+        what = "an integer" if kind is int else "a number"
+        raise LLMError(f"{source}: must be {what} >= {minimum:g}, got {value!r}")
+    return number
+
+
+class _MalformedResponse(ValueError):
+    """The body parsed, but is not a chat completion (no choices, no message, wrong types)."""
+
+
+# A body that is not UTF-8 JSON, or not shaped like a chat completion: the endpoint (or a proxy
+# in front of it) misbehaved for this attempt; retried like a 5xx, never a crash of the caller.
+_MALFORMED = (_MalformedResponse, UnicodeDecodeError, json.JSONDecodeError, RecursionError,
+              openai.APIResponseValidationError)
+
+
+def _read_response(response: Any) -> tuple[str, str | None, tuple[int, int]]:
+    """``(text, finish_reason, (prompt_tokens, completion_tokens))`` of a chat completion, or
+    :class:`_MalformedResponse`. The text has no lone surrogates (see :func:`_valid_unicode`)."""
+    try:
+        choice = response.choices[0]
+        content = choice.message.content
+        finish_reason = choice.finish_reason
+        usage = response.usage
+        tokens = ((usage.prompt_tokens or 0), (usage.completion_tokens or 0)) if usage else (0, 0)
+    except (AttributeError, IndexError, KeyError, TypeError) as exc:
+        raise _MalformedResponse(f"not a chat completion: {type(exc).__name__}") from None
+    if content is not None and not isinstance(content, str):
+        raise _MalformedResponse(f"message content is {type(content).__name__}, not a string")
+    if not all(isinstance(t, int) and t >= 0 for t in tokens):
+        tokens = (0, 0)  # a server's odd usage block must not break token budgets
+    if finish_reason is not None and not isinstance(finish_reason, str):
+        finish_reason = str(finish_reason)
+    return _valid_unicode(content or ""), finish_reason, tokens
+
+
+def _valid_unicode(text: str) -> str:
+    """``text`` with lone surrogates (a JSON body may escape them, ``"\\udc80"``) replaced by
+    U+FFFD: such strings cannot be encoded as UTF-8, so the cache, MLflow and the next request
+    would all fail on them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _is_openai_host(base_url: str) -> bool:
