@@ -93,8 +93,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     tracking_uri = None if args.no_tracking else (args.tracking_uri or default_tracking_uri())
     resume_run_id = None
     if tracking_uri and not args.fresh and not os.environ.get("MLFLOW_RUN_ID"):
-        from .tracking import find_resumable_run
+        from .tracking import check_tracking_uri, find_resumable_run
 
+        check_tracking_uri(tracking_uri)
         resume_run_id = find_resumable_run(tracking_uri, args.experiment, config.config_hash())
         if resume_run_id:
             print(f"[genopt] resuming unfinished run {resume_run_id} with the same config "
@@ -213,6 +214,9 @@ def build_study_config(project_name: str, args: argparse.Namespace):
         heartbeat_interval_s=args.heartbeat_interval,
         grace_period_s=args.grace_period,
         max_retry=args.max_retry,
+        max_tokens=_optional_number("--study-max-tokens", args.study_max_tokens, int),
+        max_cost_usd=_optional_number("--study-max-cost-usd", args.study_max_cost_usd, float),
+        max_wall_time_s=_optional_number("--study-max-wall-time-s", args.study_max_wall_time_s, float),
     )
 
 
@@ -258,6 +262,13 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds without heartbeat before a trial is failed (default: 2x interval)")
     study.add_argument("--max-retry", type=int, default=1,
                        help="how often a failed point is queued again (default: 1)")
+    study.add_argument("--study-max-tokens", default=None, metavar="N",
+                       help="study budget: stop once its trials spent N LLM tokens (all workers; "
+                            "--max-tokens is the per-loop budget)")
+    study.add_argument("--study-max-cost-usd", default=None, metavar="USD",
+                       help="study budget: stop once its trials spent this much (list prices)")
+    study.add_argument("--study-max-wall-time-s", default=None, metavar="S",
+                       help="study budget: stop this worker, running loop included, after S seconds")
     study.add_argument("--summary-dir", default=None,
                        help="where the summary files go (default: .genopt/studies/<study name>)")
 

@@ -211,9 +211,12 @@ class LoopConfig:
         """Load a YAML or JSON file holding a mapping of config fields."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON (not UTF-8 text: byte {exc.start} "
+                              "cannot be decoded); pass a YAML file of loop config fields") from None
         try:
             import yaml
 

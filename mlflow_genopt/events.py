@@ -26,11 +26,14 @@ class StopLoop(Exception):
     """Raised by a listener's ``on_step`` to end the loop cleanly after the current step.
 
     ``reason`` is recorded as the loop's stop reason (e.g. ``"pruned"``, ``"budget: max_tokens"``).
+    ``conclude=False``: the loop is abandoned, like a pruned one - the test split is not
+    evaluated and nothing is exported (a study whose budget is spent must not spend more).
     """
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, conclude: bool = True):
         super().__init__(reason)
         self.reason = reason
+        self.conclude = conclude
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class StepRecord:
     val_metrics: Mapping[str, float] = field(default_factory=dict)
     note: str = ""  # loop decisions beyond accept/reject, e.g. a revert to the best version
     checkpoint: Mapping[str, Any] = field(default_factory=dict)  # LoopState after this step
+    llm_retries: int = 0  # failed LLM requests that were retried (timeouts, 429, 5xx, drops)
 
     @property
     def valid(self) -> bool:

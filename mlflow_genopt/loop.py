@@ -12,7 +12,8 @@ Guarantees
 * Checkpoint selection: the selected version is the adopted version (the starting one
   included) with the highest validation score; ties keep the earlier version.
 * The test split is evaluated once, for the selected version only, after the last step (not
-  for loops that end ``interrupted`` — they are resumed later — or ``pruned``).
+  for loops that end ``interrupted`` — they are resumed later — or ``pruned``, or that a
+  listener stopped with ``StopLoop(..., conclude=False)``).
 * Listeners see every event in the order documented in :mod:`mlflow_genopt.events`.
 """
 
@@ -52,7 +53,7 @@ class UsageMeter(LoopCallback):
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     KEYS = ("prompt_tokens", "completion_tokens", "cost_usd", "llm_calls", "cached_calls",
-            "optimizer_latency_s", "llm_errors")
+            "optimizer_latency_s", "llm_errors", "llm_retries")
 
     def __post_init__(self) -> None:
         self.step = dict.fromkeys(self.KEYS, 0.0)
@@ -76,6 +77,12 @@ class UsageMeter(LoopCallback):
             for key, value in delta.items():
                 self.step[key] += value
                 self.total[key] += value
+
+    def count_retry(self, attempt: int, error: str, sleep_s: float) -> None:
+        """An LLM backend's ``on_retry`` hook: one failed attempt that will be retried."""
+        with self._lock:
+            self.step["llm_retries"] += 1
+            self.total["llm_retries"] += 1
 
     def reset_step(self) -> None:
         with self._lock:
@@ -186,6 +193,7 @@ class LearningLoop:
         memory: deque[MemoryEntry] = deque(state.memory, maxlen=max(config.memory_size, 1))
         steps: list[StepRecord] = []
         stop_reason = "completed"
+        conclude = True
 
         for step in range(state.step + 1, config.steps + 1):
             reason = self._budget_exhausted(started)
@@ -197,7 +205,7 @@ class LearningLoop:
             try:
                 self._emit("on_step", record)
             except StopLoop as stop:
-                stop_reason = stop.reason
+                stop_reason, conclude = stop.reason, stop.conclude
                 break
             if self.interrupted:
                 stop_reason = "interrupted"
@@ -210,7 +218,7 @@ class LearningLoop:
         test_trials: list[Trial] = []
         export_dir = None
         # an interrupted loop is resumed later, a pruned one is abandoned: neither is concluded
-        if stop_reason not in ("interrupted", "pruned"):
+        if conclude and stop_reason not in ("interrupted", "pruned"):
             test = list(self.task.examples("test"))
             test_trials = self._evaluate(best, test) if test else []
             if isinstance(self.task, ExportingTask):
@@ -344,6 +352,7 @@ class LearningLoop:
             llm_latency_s=usage["optimizer_latency_s"],
             llm_calls=int(usage["llm_calls"]),
             cached_calls=int(usage["cached_calls"]),
+            llm_retries=int(usage["llm_retries"]),
             eval_time_s=eval_time,
             wall_time_s=time.monotonic() - step_start,
             val_metrics=val_metrics,

@@ -18,7 +18,7 @@ from typing import Sequence, TextIO
 
 from .config import ConfigError, LoopConfig
 from .events import LoopCallback, LoopResult, StepRecord, VersionRecord, dispatch
-from .llm import make_llm
+from .llm import check_key, make_llm
 from .llm.base import LLM, ObservedLLM
 from .loop import LearningLoop, LoopState, UsageMeter
 from .optimizer import Optimizer
@@ -105,9 +105,11 @@ def run_loop(
     tracker = None
     resume_state = None
     if tracking_uri is not None:
-        from .tracking import MlflowTracker, load_run_checkpoint  # only tracking imports MLflow
+        # only tracking imports MLflow
+        from .tracking import MlflowTracker, check_tracking_uri, load_run_checkpoint
 
         uri = tracking_uri or default_tracking_uri()
+        check_tracking_uri(uri)
         resume_versions = []
         if resume_run_id is not None:
             try:
@@ -133,18 +135,31 @@ def run_loop(
     def report(call) -> None:
         dispatch(listeners, "on_llm_call", call)
 
+    def on_retry(attempt: int, error: str, sleep_s: float) -> None:
+        usage.count_retry(attempt, error, sleep_s)  # metric llm_retries, per step and in totals
+        if progress:
+            print(f"[genopt] LLM request failed ({error}); retry {attempt} in {sleep_s:.1f}s",
+                  file=sys.stderr, flush=True)
+
     cache = Path(cache_dir) if cache_dir is not None else None
-    opt_llm = optimizer_llm or make_llm(config.optimizer_model, cache_dir=cache, base_url=base_url)
+    opt_llm = optimizer_llm or make_llm(config.optimizer_model, cache_dir=cache, base_url=base_url,
+                                        on_retry=on_retry)
+    made = [] if optimizer_llm is not None else [opt_llm]  # the backends built here
     task = None
     try:
         if getattr(project, "uses_task_llm", True):
             inner_task_llm = task_llm or (
                 opt_llm if config.task_model == config.optimizer_model and optimizer_llm is None
-                else make_llm(config.task_model, cache_dir=cache, base_url=base_url)
+                else make_llm(config.task_model, cache_dir=cache, base_url=base_url,
+                              on_retry=on_retry)
             )
+            if task_llm is None and inner_task_llm is not opt_llm:
+                made.append(inner_task_llm)
             task = project.make_task(config, ObservedLLM(inner_task_llm, "task", [report]))
         else:
             task = project.make_task(config, None)
+        for llm in made:
+            check_key(llm)  # a rejected API key fails here, before the MLflow run exists
         optimizer = Optimizer(
             ObservedLLM(opt_llm, "optimizer", [report]),
             temperature=config.optimizer_temperature,
@@ -159,7 +174,7 @@ def run_loop(
                 return loop.run(resume=resume_state)
         except BaseException as exc:
             if tracker is not None and tracker.active:
-                tracker.fail(f"{type(exc).__name__}: {exc}")
+                tracker.fail(f"{type(exc).__name__}: {exc}", totals=usage.total)
             raise
     finally:
         if task is not None:
@@ -189,9 +204,10 @@ def _finish_step_on_sigint(loop: LearningLoop, enabled: bool):
 
 def resume_loop(run_id: str, *, tracking_uri: str | None = "", **kwargs) -> LoopResult:
     """Continue the interrupted loop run ``run_id`` with the config it logged."""
-    from .tracking import load_run_checkpoint
+    from .tracking import check_tracking_uri, load_run_checkpoint
 
     uri = tracking_uri or default_tracking_uri()
+    check_tracking_uri(uri)
     try:
         params, _, status = load_run_checkpoint(uri, run_id)
     except ValueError as exc:

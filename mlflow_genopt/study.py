@@ -267,9 +267,12 @@ def load_search_space(path: str | Path) -> dict[str, Dimension]:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read search space file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON (not UTF-8 text: byte {exc.start} "
+                          "cannot be decoded)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
     return parse_search_space(data or {})
@@ -332,7 +335,12 @@ class StudyConfig:
     prune multi-objective studies), ``none``, ``median``, ``percentile`` or ``wilcoxon``.
     ``heartbeat_interval_s``/``grace_period_s``: how RDB storages notice a dead worker
     (``grace_period_s=None``: twice the interval). ``max_retry``: how often a failed point is
-    queued again.
+    queued again. Study budgets (``None``: none): ``max_tokens`` (LLM tokens actually spent,
+    i.e. not served from the cache) and ``max_cost_usd``, summed over every trial the study
+    holds (all workers, earlier sessions included); ``max_wall_time_s`` since this worker
+    started. Reaching one stops the study cleanly: no new trial starts, and the running loop
+    stops after its current step (its trial ends PRUNED, without a test evaluation); the study's
+    stop reason is ``budget: <field>`` (tag ``genopt.study.budget`` on the parent run).
     """
 
     base: LoopConfig
@@ -352,6 +360,9 @@ class StudyConfig:
     heartbeat_interval_s: int = 60
     grace_period_s: int | None = None
     max_retry: int = 1
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    max_wall_time_s: float | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -397,6 +408,16 @@ class StudyConfig:
             isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0
         ):
             raise ConfigError(f"timeout_s: must be a number > 0 or none, got {self.timeout_s!r}")
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise ConfigError(
+                f"max_tokens (study budget): must be an integer >= 1 or none, got {self.max_tokens!r}")
+        for name in ("max_cost_usd", "max_wall_time_s"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):
+                raise ConfigError(f"{name} (study budget): must be a number > 0 or none, got {value!r}")
         if not 0 < self.pruner_percentile < 100:
             raise ConfigError(f"pruner_percentile: must be in (0, 100), got {self.pruner_percentile!r}")
         if not 0 < self.pruner_p_threshold <= 1:
@@ -701,12 +722,15 @@ class _TrialListener(LoopCallback):
     """Reports a loop to its Optuna trial: per step the score (pruning), the curve and the spend
     so far (so that a pruned, failed or killed loop leaves what it used)."""
 
-    def __init__(self, trial: optuna.Trial, tracker: Any, *, report: bool, prune: bool) -> None:
+    def __init__(self, trial: optuna.Trial, tracker: Any, *, report: bool, prune: bool,
+                 budget: Any = None) -> None:
         self.trial = trial
         self.tracker = tracker
         self.report = report
         self.prune = prune
+        self.budget = budget  # spend so far -> the study budget reached, or None
         self.pruned_at: int | None = None
+        self.budget_stop: str | None = None
         self.curve: list[list[Any]] = []
         self.tokens = 0
         self.tokens_spent = 0
@@ -744,6 +768,10 @@ class _TrialListener(LoopCallback):
         self.curve.append([record.step, record.best_val_score, record.val_score, spend["tokens"]])
         self.trial.set_user_attr("curve", self.curve)
         self.trial.set_user_attr("spend", spend)
+        reason = self.budget(spend) if self.budget is not None else None
+        if reason is not None:
+            self.budget_stop = reason
+            raise StopLoop(reason, conclude=False)  # a spent budget buys no test evaluation
         if not self.report:
             return
         self.trial.report(record.best_val_score, record.step)
@@ -790,6 +818,7 @@ class _StudyRunner:
         self.parent_owned = False
         self.fatal: BaseException | None = None
         self.trials_run = 0
+        self.started = time.monotonic()
         with _storage_errors(config.storage):
             self.lock, self.shared_lock = _make_lock(config.storage, self.kind, self.name)
         self.heartbeat = self.kind in ("sqlite", "postgresql", "mysql")
@@ -991,7 +1020,8 @@ class _StudyRunner:
                 },
             )
         listener = _TrialListener(trial, tracker, report=self.single,
-                                  prune=self.single and self.pruner_name != "none")
+                                  prune=self.single and self.pruner_name != "none",
+                                  budget=lambda spend: self._budget_reason(spend, trial.number))
         callbacks = ([tracker] if tracker is not None else []) + [listener, *self.callbacks]
         try:
             result = run_loop(
@@ -1020,6 +1050,11 @@ class _StudyRunner:
             "wall_time_s": result.totals.get("wall_time_s"),
             **spend,
         })
+        if listener.budget_stop is not None:
+            raise optuna.TrialPruned(
+                f"stopped by the study {listener.budget_stop} after step {len(result.steps)} of "
+                f"{config.steps} ({spend['tokens_spent']} tokens spent)"
+            )
         if listener.pruned_at is not None:
             raise optuna.TrialPruned(
                 f"pruned after step {listener.pruned_at} of {config.steps} "
@@ -1091,13 +1126,41 @@ class _StudyRunner:
         self._mark_run(trial.user_attrs.get("mlflow_run_id"), "FAIL", None, status="KILLED")
         self._requeue(study, trial)
 
+    # --- budgets -----------------------------------------------------------------------------
+    def _budget_reason(self, live: Mapping[str, Any] | None = None,
+                       live_number: int | None = None) -> str | None:
+        """``"budget: <field>"`` once a study budget is reached, else ``None``. ``live``: the
+        running trial ``live_number``'s spend so far (fresher than what the storage holds)."""
+        c = self.config
+        if c.max_wall_time_s is not None and time.monotonic() - self.started >= c.max_wall_time_s:
+            return "budget: max_wall_time_s"
+        if c.max_tokens is None and c.max_cost_usd is None:
+            return None
+        tokens, cost = 0, 0.0
+        for t in self.study.get_trials(deepcopy=False):
+            if t.number == live_number and live is not None:
+                spend = live
+            else:
+                spend = t.user_attrs.get("result") or t.user_attrs.get("spend") or {}
+            tokens += int(spend.get("tokens_spent") or 0)
+            cost += float(spend.get("cost_usd") or 0.0)
+        if c.max_tokens is not None and tokens >= c.max_tokens:
+            return "budget: max_tokens"
+        if c.max_cost_usd is not None and cost >= c.max_cost_usd:
+            return "budget: max_cost_usd"
+        return None
+
     # --- the worker loop ---------------------------------------------------------------------
     def work(self) -> str:
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         poll = min(float(self.config.heartbeat_interval_s), 1.0)
         while True:
             if self.config.timeout_s is not None and time.monotonic() - started >= self.config.timeout_s:
                 return "timeout"
+            budget = self._budget_reason()
+            if budget is not None:
+                self.say(f"{budget} reached: no new trial")
+                return budget
             self.lock.acquire()
             try:
                 action, reason = self._decide()
@@ -1138,7 +1201,9 @@ class _StudyRunner:
                 metrics=_summary_metrics(summary), step=finished,
                 tags={"genopt.study.stop_reason": stop_reason,
                       "genopt.study.recommended_trial": str(summary.recommended.number)
-                      if summary.recommended else "none"},
+                      if summary.recommended else "none",
+                      **({"genopt.study.budget": stop_reason.split(": ", 1)[1]}
+                         if stop_reason.startswith("budget: ") else {})},
                 status=None if final == "RUNNING" or not self.parent_owned else final,
             )
         return summary
@@ -1390,6 +1455,10 @@ def run_study(
 
     if tracking_uri is not None and not tracking_uri:
         tracking_uri = default_tracking_uri()
+    if tracking_uri is not None:
+        from .tracking import check_tracking_uri
+
+        check_tracking_uri(tracking_uri)  # before the storage, its lock file or any run exist
     runner = _StudyRunner(
         config, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
         optimizer_llm=optimizer_llm, task_llm=task_llm, base_url=base_url, callbacks=callbacks,

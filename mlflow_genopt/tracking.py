@@ -7,7 +7,8 @@ Run (``<task>-<init>-b<batch>-s<seed>``)
     params: the loop config (``LoopConfig.to_params``); tags ``genopt.*`` (project, task, init,
     config hash, library version, objective, selected version, stop reason); metrics per step
     (``batch_score``, ``val_score``, ``best_val_score``, ``accepted``, ``valid``, tokens, cost,
-    latency, timings) and at the end ``test_score`` and ``totals/<key>``; artifacts
+    latency, ``llm_retries``, timings) and at the end ``test_score`` and ``totals/<key>`` (also
+    when the loop fails: then with tag ``genopt.error``); artifacts
     ``config.yaml``, ``artifact_spec.json``, ``versions/<version_id>/`` (parameter files,
     ``version.json``, ``diff.patch``), ``steps/<step>/`` (learning context, raw response,
     proposal, trials), ``result.json``, ``steps.jsonl``, ``versions.jsonl``,
@@ -74,14 +75,15 @@ from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_PARENT_RUN_ID
 
 from .artifact import ArtifactVersion, diff
-from .config import LoopConfig
+from .config import ConfigError, LoopConfig
 from .events import LoopCallback, LoopResult, LoopStart, StepRecord, VersionRecord
 from .llm.base import LLMCall
 
 STEP_SENTINEL_METRIC = "step_wall_time_s"  # logged with every step's metrics
 
 __all__ = [
-    "DEFAULT_TRACKING_URI", "MODEL_TYPE", "MlflowTracker", "find_resumable_run", "load_run_checkpoint",
+    "DEFAULT_TRACKING_URI", "MODEL_TYPE", "MlflowTracker", "check_tracking_uri", "find_resumable_run",
+    "load_run_checkpoint",
     "log_study_summary", "start_study_run", "update_run",
 ]
 
@@ -343,12 +345,13 @@ class MlflowTracker(LoopCallback):
         if traces:
             mlflow.flush_trace_async_logging()
 
-    def fail(self, error: str | BaseException) -> None:
-        """End the run ``FAILED`` with tag ``genopt.error``, after writing what is pending.
+    def fail(self, error: str | BaseException, totals: Mapping[str, float] | None = None) -> None:
+        """End the run ``FAILED`` with tag ``genopt.error`` (and ``totals`` as ``totals/<key>``
+        metrics: what the loop spent, LLM retries included), after writing what is pending.
         Harmless before ``on_loop_start`` and after the run has ended."""
         if isinstance(error, BaseException):
             error = f"{type(error).__name__}: {error}"
-        self._finish(RunStatus.to_string(RunStatus.FAILED), error=str(error))
+        self._finish(RunStatus.to_string(RunStatus.FAILED), error=str(error), totals=totals)
 
     # --- LoopCallback -----------------------------------------------------------------------
     def on_loop_start(self, start: LoopStart) -> None:
@@ -509,14 +512,15 @@ class MlflowTracker(LoopCallback):
             )
         return active.info.run_id
 
-    def _finish(self, status: str, *, error: str | None = None, interrupted: bool = False) -> None:
+    def _finish(self, status: str, *, error: str | None = None, interrupted: bool = False,
+                totals: Mapping[str, float] | None = None) -> None:
         with self._end_lock:
             if self._writer is None or self._ended:
                 return
             self._ended = True
         writer = self._writer
         if error is not None or interrupted:
-            writer.submit(self._write_abort, error)
+            writer.submit(self._write_abort, error, dict(totals or {}))
         writer.submit(self._log_metrics)  # whatever a last version left queued
         writer.close()
         try:
@@ -662,6 +666,7 @@ class MlflowTracker(LoopCallback):
             "llm_latency_s": record.llm_latency_s,
             "llm_calls": record.llm_calls,
             "cached_calls": record.cached_calls,
+            "llm_retries": record.llm_retries,
             "eval_time_s": record.eval_time_s,
             "step_wall_time_s": record.wall_time_s,
         }
@@ -784,10 +789,13 @@ class MlflowTracker(LoopCallback):
             self._client.delete_logged_model_tag(model_id, MLFLOW_MODEL_IS_EXTERNAL)
             self._client.set_logged_model_tags(model_id, {"genopt.exported_model": "true"})
 
-    def _write_abort(self, error: str | None) -> None:
+    def _write_abort(self, error: str | None, totals: Mapping[str, float] | None = None) -> None:
         """The loop failed (``error``) or the process is exiting without a loop end."""
         reason = "error" if error is not None else "interrupted"
         self._flush_calls(f"step {self._phase} ({reason})", error=error or reason)
+        if totals:
+            self._add_metrics({f"totals/{k}": v for k, v in totals.items()}, self._last_step,
+                              _now_ms())
         tags = [RunTag("genopt.stop_reason", reason)]
         if error is not None:
             tags.append(RunTag("genopt.error", _truncate(error)))
@@ -1047,11 +1055,40 @@ def last_logged_step(client: MlflowClient, run_id: str) -> int:
     return max((m.step for m in history), default=0)
 
 
+def check_tracking_uri(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Raise :class:`ConfigError` (one line: the problem and the fix) for a tracking URI that
+    cannot work: a file store, or an http(s) server that does not answer within ``timeout_s``.
+    Checked before anything is created, because MLflow's own client retries an unreachable
+    server with exponential backoff for minutes before it fails."""
+    import urllib.error
+    import urllib.request
+
+    scheme = urlparse(tracking_uri).scheme
+    if scheme in ("", "file"):
+        raise ConfigError(
+            f"tracking_uri: {tracking_uri!r} is a file store, which is not supported; use "
+            "sqlite:///path/mlflow.db or an http(s):// tracking server"
+        )
+    if scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy may refuse /health): reachable
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"tracking_uri: no MLflow tracking server answers at {tracking_uri} ({reason}); start "
+            "one (mlflow server ...), or use --tracking-uri sqlite:///mlflow.db or --no-tracking"
+        ) from None
+
+
 def _require_existing_sqlite(tracking_uri: str) -> None:
     if tracking_uri.startswith("sqlite:///"):
         path = Path(tracking_uri[len("sqlite:///"):])
         if not path.is_file():
-            raise ValueError(f"tracking_uri: no MLflow database at {path}")
+            raise ValueError(f"tracking_uri: no MLflow database at {path}; pass the --tracking-uri "
+                             "the run was logged to")
 
 
 def find_resumable_run(tracking_uri: str, experiment: str, config_hash: str) -> str | None:

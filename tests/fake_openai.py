@@ -11,10 +11,11 @@ test:
   the body, a status code, headers, ``finish_reason``, token counts.
 * Faults, injected into a share ``fault_rate`` of chat requests: ``timeout`` (the answer comes
   after ``timeout_sleep_s``, longer than the client waits), ``429`` (with ``Retry-After``),
-  ``500``, ``drop`` (the connection is closed without an answer). Every distinct request body
-  gets at most ``max_faults_per_request`` faults, so that a client with more retries than that
-  always gets through, whatever the interleaving of parallel calls. Draws are seeded by
-  ``seed`` and the request body, so a rerun injects the same faults.
+  ``500``, ``drop`` (the connection is closed without an answer), taking turns. Every distinct
+  request body gets at most ``max_faults_per_request`` faults, so that a client with more
+  retries than that always gets through, whatever the interleaving of parallel calls; once a
+  body got an answer it always gets one. Whether a request is faulted is drawn from ``seed``
+  and the request body, so a rerun injects the same faults.
 * ``down=True``: every chat request fails with ``down_status`` (or ``"drop"``), forever.
 * ``api_key``: requests whose ``Authorization`` header differs get a 401 in OpenAI's shape.
 
@@ -101,8 +102,8 @@ class FakeOpenAI:
         self.stats["other_requests"] = 0
         self.other_requests: list[str] = []
         self.requests: list[dict] = []  # every chat request body that was answered (not faulted)
-        self.fault_log: list[tuple[float, str]] = []  # (time, kind) of every injected fault
-        self.answer_log: list[float] = []  # time of every chat answer sent
+        # (time, sha256 of the request body, "answer" or the fault kind) of every chat request
+        self.log: list[tuple[float, str, str]] = []
         self._faults_by_body: Counter = Counter()
         self._index = Counter()
         self._lock = threading.Lock()
@@ -152,25 +153,30 @@ class FakeOpenAI:
         return sum(self.stats[f"fault_{kind}"] for kind in FAULT_KINDS)
 
     def _fault_for(self, body: bytes) -> str | None:
+        digest = hashlib.sha256(body).hexdigest()
         if self.down:
             with self._lock:
                 self.stats["down_responses"] += 1
+                self.log.append((time.monotonic(), digest, "down"))
             return "drop" if self.down_status == "drop" else f"down_{self.down_status}"
         if not self.fault_rate or not self.faults:
+            with self._lock:
+                self.log.append((time.monotonic(), digest, "answer"))
             return None
-        digest = hashlib.sha256(body).hexdigest()
         with self._lock:
             attempt = self._faults_by_body[digest]
             if attempt >= self.max_faults_per_request:
+                self.log.append((time.monotonic(), digest, "answer"))
                 return None
             rng = random.Random(f"{self.seed}:{digest}:{attempt}")
             if rng.random() >= self.fault_rate:
                 self._faults_by_body[digest] = self.max_faults_per_request  # this body succeeds
+                self.log.append((time.monotonic(), digest, "answer"))
                 return None
             self._faults_by_body[digest] += 1
-            kind = rng.choice(self.faults)
+            kind = self.faults[self.faults_injected % len(self.faults)]  # in turn: every kind shows
             self.stats[f"fault_{kind}"] += 1
-            self.fault_log.append((time.monotonic(), kind))
+            self.log.append((time.monotonic(), digest, kind))
             return kind
 
     def _answer(self, request: dict) -> tuple[str, Answer]:
@@ -219,7 +225,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._other()
+        fake = self.server_owner
+        if not self.path.rstrip("/").endswith("/models"):
+            self._other()
+            return
+        with fake._lock:
+            fake.stats["model_list_requests"] += 1
+        if fake.api_key is not None and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+            self._error(401, "Incorrect API key provided.")
+            return
+        self._send(200, json.dumps({"object": "list", "data": [
+            {"id": "fake", "object": "model", "created": 0, "owned_by": "fake"}]}).encode())
 
     def _other(self) -> None:
         fake = self.server_owner
@@ -255,8 +271,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         purpose, answer = fake._answer(request)
         reply = answer if isinstance(answer, Reply) else Reply(content=answer)
-        with fake._lock:
-            fake.answer_log.append(time.monotonic())
         if reply.body is not None:
             self._send(reply.status, reply.body, reply.headers)
             return
@@ -294,3 +308,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(int(fault[5:]), "Service unavailable (fake endpoint is down).")
         else:  # pragma: no cover
             raise AssertionError(fault)
+
+
+def arithmetic_task_model(request: dict, index: int) -> str:
+    """A task model for bbeh's ``generated_arithmetic`` questions that is always right (when the
+    prompt still holds the question), so that loops have something to learn from."""
+    question = str((request.get("messages") or [{}])[-1].get("content", ""))
+    try:
+        expression = question.split("What is ")[1].split("?")[0]
+    except IndexError:
+        return "I do not know."
+    if not expression or not set(expression) <= set("0123456789+-*() "):
+        return "I do not know."
+    return f"The answer is {eval(expression)}."  # noqa: S307 - digits and operators only

@@ -43,7 +43,7 @@ from typing import Any, Iterator
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_openai import FakeOpenAI, Reply  # noqa: E402
+from fake_openai import FakeOpenAI, Reply, arithmetic_task_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SANDBOX_UIDS = range(61184, 65520)  # mlflow_genopt.sandbox._DYNAMIC_UID_RANGE
@@ -204,11 +204,13 @@ def _attacks(nonce: str, c: Canaries, port: int) -> dict[str, list[str]]:
                           "    except BaseException:", "        pass", "R = 'unreachable'"],
         "memory_bomb": ["_hog = []", "while True:", "    _hog.append(bytearray(256 * 1024 * 1024))",
                         "R = 'unreachable'"],
-        "fork_bomb": ["import os, sys", "while True:", "    try:",
+        # forks until the process limit refuses, then returns: the children must still die
+        "fork_bomb": ["import os, sys", "_n = 0", "while _n < 5000:", "    try:",
                       "        if os.fork() == 0:",
                       f"            os.execv(sys.executable, [sys.executable, '-c', 'while True: pass', "
                       f"'genopt-forkbomb-{nonce}'])",
-                      "    except OSError:", "        pass", "R = 'unreachable'"],
+                      "        _n += 1",
+                      "    except OSError:", "        break", "R = f'forked {_n}'"],
         "daemon_and_kill": ["import os, signal, subprocess, sys",
                             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', "
                             f"'genopt-daemon-{nonce}'], start_new_session=True)",
@@ -292,14 +294,16 @@ def catalog(project: str, c: Canaries, port: int, *, full: bool) -> list[Payload
         attacks.insert(0, Payload("probe", "attack", answer(**{p: _program(t, merged, "probe", nonce)})))
     legit = Payload("fenced_json_with_fenced_code", "legit",
                     "Here is my proposal:\n```json\n" + answer(**{p: f"```python\n{good}```"}) + "\n```")
-    # attacks first: a retried HTTP-level answer consumes the next one, so those go last
+    # An unusable HTTP body is retried, and the retry gets the next answer: each goes before a
+    # chat-level malformed one, so that the loop's steps consume every answer exactly once.
     http = [m for m in malformed if m.kind == "http"]
-    return attacks + [legit] + [m for m in malformed if m.kind != "http"] + http
+    chat = [m for m in malformed if m.kind != "http"]
+    mixed = [x for pair in zip(http, chat) for x in pair] + chat[len(http):]
+    return attacks + [legit] + mixed
 
 
 def task_model_answers(request: dict, index: int) -> str:
     """The task model (bbeh): mostly right answers, sometimes hostile text."""
-    question = request["messages"][-1]["content"]
     hostile = [
         "x" * 300_000,  # enormous
         "The answer is \udc80\ud800.",  # lone surrogates (escaped in the JSON body)
@@ -307,13 +311,7 @@ def task_model_answers(request: dict, index: int) -> str:
     ]
     if index % 4 == 3:
         return hostile[(index // 4) % len(hostile)]
-    try:
-        expression = question.split("What is ")[1].split("?")[0]
-        if set(expression) <= set("0123456789+-*() "):
-            return f"The answer is {eval(expression)}."  # noqa: S307 - our own generated digits
-    except IndexError:
-        pass
-    return "The answer is 0."
+    return arithmetic_task_model(request, index)
 
 
 # --- one loop ----------------------------------------------------------------------------------
@@ -351,8 +349,14 @@ class HostileReport:
     probe_reports_logged: int = 0
     public_file_read: bool = False
     tmp_files_written: int = 0
+    malformed_sent: int = 0
     malformed_rejected: int = 0
+    valid_sent: int = 0
     attacks_evaluated: int = 0
+    faults_injected: int = 0
+    http_malformed: int = 0  # malformed HTTP bodies: retried by the client, like faults
+    llm_retries: int = 0
+    loops_completed: int = 0
     wall_time_s: float = 0.0
     crash: str = ""
     leaks: dict[str, list[str]] = field(default_factory=dict)
@@ -382,6 +386,21 @@ def _files_since(roots: list[Path], since: float, skip: list[Path]) -> Iterator[
                         yield path
 
 
+def _contents(path: Path) -> bytes:
+    """A file's bytes; for an SQLite database (MLflow store, response cache) also every cell, as
+    a long text can be split over pages in the file itself."""
+    data = path.read_bytes()
+    if data.startswith(b"SQLite format 3\x00"):
+        import sqlite3
+
+        with contextlib.suppress(sqlite3.Error), contextlib.closing(
+                sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            cells = [repr(row) for t in tables for row in db.execute(f'SELECT * FROM "{t}"')]
+            data += "\n".join(cells).encode("utf-8", "backslashreplace")
+    return data
+
+
 def _marked_processes(nonce: str) -> list[str]:
     found = []
     for pid in os.listdir("/proc"):
@@ -399,8 +418,12 @@ def _reap(nonce: str) -> None:
             os.kill(int(pid), 9)
 
 
-def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None) -> HostileReport:
-    """One loop of ``project`` against the hostile endpoint; see the module docstring."""
+def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None,
+                     fault_rate: float = 0.0) -> HostileReport:
+    """One loop of ``project`` against the hostile endpoint; see the module docstring.
+    ``fault_rate``: also inject endpoint faults (timeouts, 429, 500, dropped connections) into
+    that share of requests; every fault and every HTTP-level malformed answer must then show up
+    as exactly one retry in the run's ``llm_retries``."""
     from mlflow_genopt.runner import run_loop
 
     full = project == "bbeh" if full is None else full
@@ -408,8 +431,10 @@ def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None) -
     workdir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{workdir}/mlflow.db"
     started = time.time()
-    with hostile_environment(workdir) as c, FakeOpenAI(task=task_model_answers) as server, \
-            _env(GENOPT_LLM_BACKOFF_S="0.01", GENOPT_LLM_MAX_RETRIES="3"):
+    with hostile_environment(workdir) as c, \
+            FakeOpenAI(task=task_model_answers, fault_rate=fault_rate, max_faults_per_request=2,
+                       timeout_sleep_s=3.0, retry_after="0.05") as server, \
+            _env(GENOPT_LLM_BACKOFF_S="0.01", GENOPT_LLM_MAX_RETRIES="4", GENOPT_LLM_TIMEOUT_S="2"):
         payloads = catalog(project, c, server.port, full=full)
         server.optimizer = [p.answer for p in payloads] + [json.dumps({"reasoning": "done"})]
         http_level = sum(p.kind == "http" for p in payloads)
@@ -422,8 +447,15 @@ def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None) -
             report.loop_crashes = 1
             report.crash = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
         report.wall_time_s = time.time() - started
+        import mlflow
+
+        mlflow.flush_trace_async_logging()  # traces are part of what is scanned
         report.proposals_tried = server.stats["optimizer_requests"]
         report.network_escapes = server.stats["other_requests"]
+        report.faults_injected = server.faults_injected
+        report.http_malformed = http_level
+        report.malformed_sent = sum(p.kind == "malformed" for p in payloads)
+        report.valid_sent = sum(p.kind in ("attack", "legit") for p in payloads)
         if result is not None:
             if result.stop_reason != "completed" or len(result.steps) != config.steps:
                 report.loop_crashes = 1
@@ -432,6 +464,8 @@ def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None) -
             report.malformed_rejected = sum(not s.valid for s in result.steps)
             report.attacks_evaluated = sum(1 for s in result.steps if s.valid)
             report.invalid_reasons = [s.invalid_reason[:100] for s in result.steps if not s.valid]
+            report.llm_retries = int(result.totals.get("llm_retries", 0))
+            report.loops_completed = int(not report.loop_crashes)
         time.sleep(0.2)  # let a surviving daemon show itself
         report.processes_left = len(_marked_processes(c.nonce))
         _reap(c.nonce)
@@ -451,7 +485,7 @@ def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None) -
         roots = [workdir, Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), REPO]
         for path in _files_since(roots, started - 1, skip=[c.directory, Path(sys.prefix)]):
             with contextlib.suppress(OSError):
-                blobs.append((str(path), path.read_bytes()))
+                blobs.append((str(path), _contents(path)))
         for name, value in c.secrets.items():
             where = [label for label, blob in blobs if value.encode() in blob]
             if where:
@@ -519,27 +553,47 @@ def _tracking_errors(uri: str, experiment: str) -> int:
 
 
 # --- the tests --------------------------------------------------------------------------------
+FAULT_RATE = 0.15  # endpoint faults on top: hostile answers and retries at once
+
+
 def _check(report: HostileReport) -> None:
     details = json.dumps(asdict(report), indent=1, default=str)[:6000]
     assert report.goals == dict.fromkeys(report.goals, 0), details
+    assert report.loops_completed == 1, details
+    # every fault and every unusable HTTP body was retried once, and counted
+    assert report.llm_retries == report.faults_injected + report.http_malformed, details
     assert report.proposals_tried >= 5, details
     # positive controls: the attacks ran and their reports reached the logs
     assert report.probe_reports_logged > 0, details
     assert report.public_file_read, details  # world-readable files are not protected (README)
     assert report.tmp_files_written > 0, details  # nor is /tmp (README)
-    assert report.malformed_rejected >= 5, details
+    # each malformed answer was rejected with its reason, each valid (hostile) one was run
+    assert report.malformed_rejected == report.malformed_sent >= 4, details
+    assert report.attacks_evaluated == report.valid_sent, details
+
+
+def test_control_the_read_probe_finds_every_secret_outside_the_sandbox(tmp_path: Path) -> None:
+    """The probe itself works: run as a plain child process of the loop (no sandbox), it reports
+    every canary, so a 0 in the sandboxed runs means the sandbox stopped it."""
+    import subprocess
+
+    with hostile_environment(tmp_path) as c:
+        code = "\n".join(_probe_read(c.nonce, c) + ["print(R)"])
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        found = {name for name, value in c.secrets.items() if value in done.stdout}
+    assert found == set(c.secrets), done.stdout + done.stderr
 
 
 def test_bbeh_loop_survives_every_hostile_proposal(tmp_path: Path) -> None:
-    report = run_hostile_loop("bbeh", tmp_path)
+    report = run_hostile_loop("bbeh", tmp_path, fault_rate=FAULT_RATE)
     _check(report)
     assert report.proposals_tried >= 25
 
 
 def test_ml_pipeline_loop_survives_hostile_training_code(tmp_path: Path) -> None:
-    _check(run_hostile_loop("ml_pipeline", tmp_path))
+    _check(run_hostile_loop("ml_pipeline", tmp_path, fault_rate=FAULT_RATE))
 
 
 def test_atari_loop_survives_hostile_policies(tmp_path: Path) -> None:
     pytest.importorskip("ale_py")
-    _check(run_hostile_loop("atari", tmp_path))
+    _check(run_hostile_loop("atari", tmp_path, fault_rate=FAULT_RATE))

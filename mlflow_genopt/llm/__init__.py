@@ -52,6 +52,7 @@ __all__ = [
     "RetryCallback",
     "ScriptedLLM",
     "SPEC_FORMS",
+    "check_key",
     "locate_smollm2",
     "PromptTooLong",
     "make_llm",
@@ -94,6 +95,15 @@ def make_llm(
     if cache_dir is not None:
         llm = CachedLLM(llm, Path(cache_dir))
     return llm
+
+
+def check_key(llm: LLM) -> None:
+    """For an endpoint backend (possibly behind the cache): fail now, with one :class:`LLMError`
+    line, if it rejects the API key; no-op for other backends."""
+    inner = getattr(llm, "inner", llm)
+    check = getattr(inner, "check_key", None)
+    if callable(check):
+        check()
 
 
 def _nonempty(spec: str, prefix: str) -> str:

@@ -54,27 +54,35 @@ class CachedLLM:
     propagates and is asked again next time. The file is SQLite in WAL mode, so several threads
     and processes may share one cache directory; two simultaneous misses on the same key both
     call ``inner`` and the last answer stored wins. ``hits`` and ``misses`` count this instance's
-    lookups.
+    lookups. The directory and file are created with the first stored answer, so that a run
+    that fails before any answer (a bad config, an unreachable endpoint) leaves nothing behind.
     """
 
     def __init__(self, inner: LLM, cache_dir: Path | str) -> None:
         self.inner = inner
         self.cache_dir = Path(cache_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.cache_dir / CACHE_FILENAME
         self.hits = 0
         self.misses = 0
         self._counter_lock = threading.Lock()
-        db = self._connect()
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS completions ("
-                " key TEXT PRIMARY KEY, model TEXT NOT NULL,"
-                " completion TEXT NOT NULL, created_at REAL NOT NULL)"
-            )
-        finally:
-            db.close()
+        self._created = False
+
+    def _create(self) -> None:
+        with self._counter_lock:
+            if self._created:
+                return
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            db = self._connect()
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS completions ("
+                    " key TEXT PRIMARY KEY, model TEXT NOT NULL,"
+                    " completion TEXT NOT NULL, created_at REAL NOT NULL)"
+                )
+            finally:
+                db.close()
+            self._created = True
 
     @property
     def model(self) -> str:
@@ -118,6 +126,10 @@ class CachedLLM:
         return db
 
     def _load(self, key: str) -> Completion | None:
+        if not self._created:
+            if not self.path.is_file():
+                return None
+            self._create()  # an existing cache: make sure it has the table
         db = self._connect()
         try:
             row = db.execute("SELECT completion FROM completions WHERE key = ?", (key,)).fetchone()
@@ -129,6 +141,7 @@ class CachedLLM:
         return Completion(**{k: v for k, v in fields.items() if k in _COMPLETION_FIELDS})
 
     def _store(self, key: str, completion: Completion) -> None:
+        self._create()
         record = dataclasses.asdict(dataclasses.replace(completion, cached=False))
         db = self._connect()
         try:

@@ -47,8 +47,9 @@ class OpenAICompatibleLLM:
     request) raises :class:`LLMError` at once. ``timeout_s`` (60), ``max_retries`` (4) and
     ``backoff_s`` (1) default to the environment variables ``GENOPT_LLM_TIMEOUT_S``,
     ``GENOPT_LLM_MAX_RETRIES`` and ``GENOPT_LLM_BACKOFF_S`` when set, so that a command line can
-    bound how long an unreachable endpoint is waited for. Safe to call from several threads: the ``openai`` client is, and
-    the only mutable state is a flag that only ever goes from False to True.
+    bound how long an unreachable endpoint is waited for. Answers never hold lone surrogates
+    (replaced by U+FFFD). Safe to call from several threads: the ``openai`` client is, and the
+    only mutable state is a flag that only ever goes from False to True.
     """
 
     def __init__(
@@ -200,6 +201,21 @@ class OpenAICompatibleLLM:
             attempts=attempts,
             finish_reason=finish_reason,
         )
+
+    def check_key(self, timeout_s: float = 5.0) -> None:
+        """Raise :class:`LLMError` at once if the endpoint rejects the API key (401/403 on
+        ``GET /models``), so that a run with a wrong key fails before it creates anything.
+        Anything else (unreachable, no such route) is left to the first real request, so that
+        a loop replayed from the response cache needs no endpoint at all."""
+        try:
+            self._client.with_options(timeout=min(self.timeout_s, timeout_s)).models.list()
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise LLMError(
+                f"LLM endpoint {self.base_url} rejected the API key ({exc.status_code}): "
+                "check OPENAI_API_KEY"
+            ) from None
+        except Exception:  # noqa: BLE001 - not a verdict on the key
+            return
 
     def _response_format(self, json_schema: Mapping[str, Any]) -> dict[str, Any]:
         if self._json_object_only:

@@ -107,9 +107,9 @@ def download_task(task: str, dest: Path, timeout_s: float = 30.0) -> Path:
     """Fetch ``bbeh_<task>/task.json`` from the BBEH repository into ``dest``."""
     url = DOWNLOAD_URL.format(task=task)
     target = dest / f"bbeh_{task}" / "task.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
     with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - fixed https URL
         payload = response.read()
+    target.parent.mkdir(parents=True, exist_ok=True)  # only once there is something to keep
     tmp = target.with_suffix(".part")
     tmp.write_bytes(payload)
     tmp.replace(target)  # never leave a half-written task file behind

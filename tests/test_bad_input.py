@@ -1,0 +1,187 @@
+"""Bad input through the real command line (a subprocess per case): one clear line naming the
+problem and the fix, a non-zero exit, no traceback, and nothing half-written (no MLflow store or
+run, no Optuna storage, no response cache, no study summary).
+
+Each case runs in an empty directory that is its working directory and its ``HOME``; after the
+command, that directory must hold exactly the files the case put there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_openai import FakeOpenAI  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+BBEH_TASK_JSON = "bbeh_boolean_expressions/task.json"
+GARBAGE = b"\x00\xff\xfe\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
+
+
+def online() -> bool:
+    try:
+        socket.getaddrinfo("raw.githubusercontent.com", 443)
+        return True
+    except OSError:
+        return False
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+# (id, argv, files to create first, extra environment, substrings the error line must hold)
+CASES = [
+    # unknown names
+    ("unknown-project", ["run", "nosuch"], {}, {},
+     ["unknown project 'nosuch'", "available: atari, bbeh, ml_pipeline"]),
+    ("unknown-bbeh-task", ["run", "bbeh", "--task", "nosuch"], {}, {},
+     ["unknown BBEH task 'nosuch'", "choose one of generated_arithmetic"]),
+    ("unknown-atari-game", ["run", "atari", "--task", "NoSuchGame"], {}, {},
+     ["unknown Atari game 'NoSuchGame'", "choose one of Pong"]),
+    ("unknown-ml-task", ["run", "ml_pipeline", "--task", "nosuch"], {}, {},
+     ["unknown ml_pipeline task 'nosuch'", "choose one of", "breast-cancer"]),
+    ("unknown-init", ["run", "bbeh", "--init", "nosuch"], {}, {}, ["init", "'nosuch'", "prompt_only"]),
+    ("unknown-trainable", ["run", "bbeh", "--trainable", "nosuch"], {}, {}, ["nosuch", "prompt"]),
+    ("unknown-task-option", ["run", "bbeh", "--option", "nosuch=1"], {}, {},
+     ["task_options", "nosuch", "train_size"]),
+    ("unknown-model-spec", ["run", "bbeh", "--optimizer-model", "nosuch:model"], {}, {},
+     ["unknown model spec 'nosuch:model'", "'openai:<model>'"]),
+    # invalid values
+    ("batch-size-zero", ["run", "bbeh", "--batch-size", "0"], {}, {},
+     ["batch_size: must be an integer >= 1, got 0"]),
+    ("steps-not-a-number", ["run", "bbeh", "--steps", "many"], {}, {}, ["steps: must be an integer"]),
+    ("acceptance-unknown", ["run", "bbeh", "--acceptance", "maybe"], {}, {},
+     ["acceptance: must be one of always, improve, no_worse"]),
+    ("temperature-out-of-range", ["run", "bbeh", "--optimizer-temperature", "9"], {}, {},
+     ["optimizer_temperature: must be a number in [0, 2]"]),
+    ("option-without-value", ["run", "bbeh", "--option", "train_size"], {}, {},
+     ["expected KEY=VALUE"]),
+    ("splits-too-large", ["run", "bbeh", "--option", "train_size=100"], {}, {},
+     ["train_size 100", "must leave test examples"]),
+    ("atari-option-out-of-range", ["run", "atari", "--option", "eval_episodes=0"], {}, {},
+     ["task_options.eval_episodes: must be >= 1"]),
+    ("llm-retries-env-invalid", ["run", "bbeh", "--optimizer-model", "openai:fake", "--base-url",
+                                 "http://127.0.0.1:9/v1"], {}, {"GENOPT_LLM_MAX_RETRIES": "lots"},
+     ["$GENOPT_LLM_MAX_RETRIES: must be an integer >= 0", "'lots'"]),
+    # config files
+    ("config-file-missing", ["run", "bbeh", "--config", "missing.yaml"], {}, {},
+     ["missing.yaml: cannot read config file"]),
+    ("config-file-not-yaml", ["run", "bbeh", "--config", "bad.yaml"], {"bad.yaml": "steps: [1, 2\n"}, {},
+     ["bad.yaml: not valid YAML/JSON"]),
+    ("config-file-not-a-mapping", ["run", "bbeh", "--config", "list.yaml"], {"list.yaml": "- 1\n- 2\n"},
+     {}, ["list.yaml: must hold a mapping of loop config fields"]),
+    ("config-file-unknown-field", ["run", "bbeh", "--config", "typo.yaml"], {"typo.yaml": "stepz: 3\n"},
+     {}, ["stepz: unknown loop config field", "known fields:", "steps"]),
+    ("config-file-binary", ["run", "bbeh", "--config", "binary.yaml"], {"binary.yaml": GARBAGE}, {},
+     ["binary.yaml: not valid YAML/JSON (not UTF-8 text"]),
+    # data files
+    ("bbeh-data-dir-missing", ["run", "bbeh", "--task", "boolean_expressions", "--data-dir", "nodir"],
+     {}, {}, ["no task.json for boolean_expressions under nodir", "bbeh_boolean_expressions/task.json"]),
+    ("bbeh-task-file-not-json", ["run", "bbeh", "--task", "boolean_expressions", "--data-dir", "."],
+     {BBEH_TASK_JSON: "{not json"}, {}, ["task.json: not a readable BBEH task.json"]),
+    ("bbeh-task-file-binary", ["run", "bbeh", "--task", "boolean_expressions", "--data-dir", "."],
+     {BBEH_TASK_JSON: GARBAGE}, {}, ["task.json: not a readable BBEH task.json"]),
+    ("bbeh-task-file-wrong-shape", ["run", "bbeh", "--task", "boolean_expressions", "--data-dir", "."],
+     {BBEH_TASK_JSON: json.dumps({"examples": [{"question": "x"}]})}, {},
+     ["task.json: expected", "examples", "input", "target"]),
+    ("bbeh-no-data-and-no-network", ["run", "bbeh", "--task", "boolean_expressions"], {}, {},
+     ["not found locally and download failed", "--data-dir"]),
+    ("ml-data-dir-missing", ["run", "ml_pipeline", "--task", "spaceship-titanic", "--data-dir", "nodir"],
+     {}, {}, ["data_dir: nodir does not exist", "train.csv"]),
+    ("ml-data-dir-empty", ["run", "ml_pipeline", "--task", "spaceship-titanic", "--data-dir", "empty"],
+     {"empty/.keep": ""}, {}, ["empty", "train.csv"]),
+    ("ml-csv-binary", ["run", "ml_pipeline", "--task", "csv", "--data-dir", "bad.csv", "--option",
+                       "target=y", "--option", "metric=accuracy"], {"bad.csv": GARBAGE}, {},
+     ["bad.csv"]),
+    ("ml-csv-no-such-target", ["run", "ml_pipeline", "--task", "csv", "--data-dir", "ok.csv", "--option",
+                               "target=nosuch", "--option", "metric=accuracy"],
+     {"ok.csv": "a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40))}, {},
+     ["target: column 'nosuch' not in", "columns:"]),
+    ("ml-csv-empty", ["run", "ml_pipeline", "--task", "csv", "--data-dir", "empty.csv", "--option",
+                      "target=y", "--option", "metric=accuracy"], {"empty.csv": ""}, {},
+     ["empty.csv: not a readable CSV file"]),
+    # models and endpoints
+    ("scripted-model-file-missing", ["run", "bbeh", "--optimizer-model", "scripted:missing.json"], {}, {},
+     ["script file missing.json not found", "JSON list of strings"]),
+    ("gguf-model-file-missing", ["run", "bbeh", "--optimizer-model", "missing.gguf"], {}, {},
+     ["missing.gguf"]),
+    ("openai-key-missing", ["run", "bbeh", "--optimizer-model", "openai:gpt-4.1-mini"], {},
+     {"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None},
+     ["OPENAI_API_KEY is not set", "export it"]),
+    ("openai-key-rejected", ["run", "bbeh", "--optimizer-model", "openai:fake", "--task-model", "openai:fake",
+                             "--base-url", "{fake}"], {}, {"OPENAI_API_KEY": "sk-wrong"},
+     ["rejected the API key (401)", "check OPENAI_API_KEY"]),
+    # tracking
+    ("tracking-server-unreachable", ["run", "bbeh", "--tracking-uri", "http://127.0.0.1:{closed}"], {}, {},
+     ["no MLflow tracking server answers at http://127.0.0.1:", "--tracking-uri sqlite:///mlflow.db"]),
+    ("tracking-file-store", ["run", "bbeh", "--tracking-uri", "./mlruns"], {}, {},
+     ["'./mlruns' is a file store", "sqlite:///"]),
+    ("resume-without-store", ["resume", "0123456789abcdef", "--tracking-uri", "sqlite:///none.db"], {}, {},
+     ["no MLflow database at none.db", "pass the --tracking-uri the run was logged to"]),
+    # studies
+    ("study-budget-zero", ["study", "bbeh", "--study-max-tokens", "0"], {}, {},
+     ["max_tokens (study budget): must be an integer >= 1"]),
+    ("study-budget-not-a-number", ["study", "bbeh", "--study-max-cost-usd", "lots"], {}, {},
+     ["--study-max-cost-usd: must be a number or none"]),
+    ("study-unknown-field", ["study", "bbeh", "--param", "nosuch=1,2"], {}, {},
+     ["nosuch: not a searchable loop config field", "batch_size"]),
+    ("study-unknown-sampler", ["study", "bbeh", "--sampler", "nosuch"], {}, {},
+     ["sampler: must be one of auto, grid"]),
+    ("study-space-file-binary", ["study", "bbeh", "--space", "space.yaml"], {"space.yaml": GARBAGE}, {},
+     ["space.yaml: not valid YAML/JSON"]),
+    ("study-space-file-not-a-space", ["study", "bbeh", "--space", "space.yaml"],
+     {"space.yaml": "batch_size: {low: 5, high: 1}\n"}, {}, ["batch_size", "high (1) must be >= low (5)"]),
+    ("study-bad-storage", ["study", "bbeh", "--storage", "bogus://x"], {}, {}, ["bogus://x"]),
+    ("study-tracking-unreachable", ["study", "bbeh", "--tracking-uri", "http://127.0.0.1:{closed}"], {}, {},
+     ["no MLflow tracking server answers"]),
+]
+
+
+@pytest.fixture(scope="module")
+def fake_endpoint():
+    with FakeOpenAI(api_key="sk-right") as server:
+        yield server
+
+
+@pytest.mark.parametrize("name,argv,files,env,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_leaves_nothing(tmp_path, fake_endpoint, name, argv, files, env,
+                                                     expected):
+    if name == "bbeh-no-data-and-no-network" and online():
+        pytest.skip("this machine can download BBEH")
+    for relative, content in files.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    closed = closed_port()
+    argv = [a.format(fake=fake_endpoint.base_url, closed=closed) for a in argv]
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("MLFLOW_", "OPENAI_", "GENOPT_"))}
+    environment.update(HOME=str(tmp_path), GENOPT_CACHE_DIR=str(tmp_path / "genopt-cache"),
+                       MLFLOW_DISABLE_TELEMETRY="true")
+    for key, value in env.items():
+        if value is not None:
+            environment[key] = value
+    done = subprocess.run([sys.executable, "-m", "mlflow_genopt.cli", *argv], cwd=tmp_path,
+                          env=environment, capture_output=True, text=True, timeout=120)
+
+    report = f"exit {done.returncode}\nstdout: {done.stdout[-1500:]}\nstderr: {done.stderr[-3000:]}"
+    assert done.returncode != 0, report
+    assert "Traceback" not in done.stderr, report
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, report
+    for text in expected:
+        assert text in errors[0], report
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert after == before, f"left behind: {sorted(set(after) - set(before))}\n{report}"
