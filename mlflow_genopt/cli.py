@@ -100,29 +100,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if resume_run_id:
             print(f"[genopt] resuming unfinished run {resume_run_id} with the same config "
                   "(--fresh starts a new run)", file=sys.stderr)
-    result = run_loop(
-        config,
-        tracking_uri=tracking_uri,
-        experiment=args.experiment,
-        run_name=args.run_name,
-        cache_dir=None if args.no_cache else args.cache_dir,
-        base_url=args.base_url,
-        progress=not args.quiet,
-        resume_run_id=resume_run_id,
-        handle_sigint=True,
-    )
+    result = run_loop(config, tracking_uri=tracking_uri, run_name=args.run_name,
+                      resume_run_id=resume_run_id, handle_sigint=True, **_shared_options(args))
     return _report(result, tracking_uri, args.experiment)
+
+
+def _shared_options(args: argparse.Namespace) -> dict:
+    """The options `run`, `resume` and `study` pass alike to the library."""
+    return {
+        "experiment": args.experiment,
+        "cache_dir": None if args.no_cache else args.cache_dir,
+        "base_url": args.base_url,
+        "progress": not args.quiet,
+    }
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from .runner import default_tracking_uri, resume_loop
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
-    result = resume_loop(
-        args.run_id, tracking_uri=tracking_uri, experiment=args.experiment,
-        cache_dir=None if args.no_cache else args.cache_dir, base_url=args.base_url,
-        progress=not args.quiet, handle_sigint=True,
-    )
+    result = resume_loop(args.run_id, tracking_uri=tracking_uri, handle_sigint=True,
+                         **_shared_options(args))
     return _report(result, tracking_uri, args.experiment)
 
 
@@ -282,16 +280,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     config = build_study_config(args.project, args)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     tracking_uri = None if args.no_tracking else (args.tracking_uri or default_tracking_uri())
-    result = run_study(
-        config,
-        tracking_uri=tracking_uri,
-        experiment=args.experiment,
-        run_name=args.run_name,
-        cache_dir=None if args.no_cache else args.cache_dir,
-        base_url=args.base_url,
-        summary_dir=args.summary_dir,
-        progress=not args.quiet,
-    )
+    result = run_study(config, tracking_uri=tracking_uri, run_name=args.run_name,
+                       summary_dir=args.summary_dir, **_shared_options(args))
     print(f"study:            {result.study_name} in {result.storage} ({result.stop_reason})")
     print(f"trials:           {result.count('COMPLETE')} complete, {result.count('PRUNED')} pruned, "
           f"{result.count('FAIL')} failed ({result.trials_run_here} run by this worker)")

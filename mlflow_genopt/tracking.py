@@ -597,17 +597,25 @@ class MlflowTracker(LoopCallback):
         parent = self._versions.get(version.parent_id) if version.parent_id else None
         if parent is not None:
             files["diff.patch"] = diff(parent, version)
-        if version_id in self._model_ids:  # logged before an interruption: reuse, never twice
-            self._write_files(files, f"versions/{version_id}")
-            metrics = {"val_score": record.val_score}
-            metrics.update({f"val_{k}": v for k, v in record.val_metrics.items()})
-            if record.batch_score is not None:
-                metrics["candidate_batch_score"] = record.batch_score
-            self._add_metrics(metrics, version.step, timestamp,
-                              model_id=self._model_ids[version_id])
-            self._version_metrics[version_id] = metrics
-            return
+        model_id = self._model_ids.get(version_id)  # logged before an interruption: reuse
+        if model_id is None:
+            model_id = self._create_model(record)
+        self._write_files(files, f"versions/{version_id}", model_id=model_id)
+        metrics = {"val_score": record.val_score}
+        metrics.update({f"val_{k}": v for k, v in record.val_metrics.items()})
+        if record.batch_score is not None:
+            metrics["candidate_batch_score"] = record.batch_score
+        # Written with the step's own metrics (or at the loop's end), in one call.
+        self._add_metrics(metrics, version.step, timestamp, model_id=model_id)
+        self._version_metrics[version_id] = metrics
+        if record.status == "initial":
+            self._flush_calls(f"evaluate {version_id}", model_id=model_id)
+            self._phase = 1
 
+    def _create_model(self, record: VersionRecord) -> str:
+        """A LoggedModel for a version the run has not logged yet, listed among its outputs."""
+        version = record.version
+        version_id = version.version_id
         model = mlflow.create_external_model(
             name=version_id,
             source_run_id=self._run_id,
@@ -628,17 +636,7 @@ class MlflowTracker(LoopCallback):
         self._model_ids[version_id] = model.model_id
         # The run produced this version: show it among the run's logged models.
         self._client.log_outputs(self._run_id, [LoggedModelOutput(model.model_id, version.step)])
-        self._write_files(files, f"versions/{version_id}", model_id=model.model_id)
-        metrics = {"val_score": record.val_score}
-        metrics.update({f"val_{k}": v for k, v in record.val_metrics.items()})
-        if record.batch_score is not None:
-            metrics["candidate_batch_score"] = record.batch_score
-        # Written with the step's own metrics (or at the loop's end), in one call.
-        self._add_metrics(metrics, version.step, timestamp, model_id=model.model_id)
-        self._version_metrics[version_id] = metrics
-        if record.status == "initial":
-            self._flush_calls(f"evaluate {version_id}", model_id=model.model_id)
-            self._phase = 1
+        return model.model_id
 
     def _collect_call(self, call: LLMCall) -> None:
         self._pending_calls.append(call)
