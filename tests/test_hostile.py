@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI, Reply, arithmetic_task_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SANDBOX_UIDS = range(61184, 65520)  # mlflow_genopt.sandbox._DYNAMIC_UID_RANGE
+SANDBOX_UIDS = range(61184, 65520)  # mlflow_genopt.sandbox._isolation._DYNAMIC_UID_RANGE
 
 
 # --- the hostile environment: canaries and write targets ---------------------------------------

@@ -205,7 +205,10 @@ class PolicyRunner:
             max_output_bytes=4_000_000,
         )
         calls = [([self._job(source, seed, state)], {}) for seed, state in episodes]
-        outcomes = run_function(ENTRY_SOURCE, ENTRY_FUNCTION, calls, limits=limits)
+        # the entry point imports genopt_projects.atari.worker, which an editable install finds
+        # only through its import hook: the sandbox must expose the package to the dedicated uid
+        outcomes = run_function(ENTRY_SOURCE, ENTRY_FUNCTION, calls, limits=limits,
+                                expose_packages=("genopt_projects",))
         results = [self._result(seed, outcome) for (seed, _), outcome in zip(episodes, outcomes)]
         for result, (_, state) in zip(results, episodes):
             result.start_state = state

@@ -488,7 +488,9 @@ class TabularTask(FixedSplits):
         started = time.monotonic()
         (result,) = run_function(source, "_genopt_export", [([job], {})], preamble=HARNESS_SOURCE,
                                  files=files, limits=self._limits(1, len(to_predict), extra_s=60.0),
-                                 workdir_keep=True)
+                                 workdir_keep=True,
+                                 # the harness imports mlflow, whose entry point loads the mlflow_genopt plugin
+                                 expose_packages=("mlflow_genopt",))
         info: dict[str, Any] = {"version_id": version.version_id, "task": self.name,
                                 "fit_rows": len(fit_rows), "submission_rows": kind,
                                 "test_split": self.test_description}
