@@ -133,7 +133,7 @@ def test_runs_started_while_a_loop_is_active_carry_its_genopt_tags(loop_store):
 
 
 def test_user_code_marks_its_own_runs_with_loop_context_and_nothing_leaks_after(tmp_path):
-    import mlflow_genopt.tracking  # noqa: F401  (genopt's tracking in use in this process)
+    import mlflow_genopt.tracking.tracker  # noqa: F401  (genopt's tracking in use in this process)
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")

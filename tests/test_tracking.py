@@ -225,7 +225,7 @@ def test_one_run_with_config_params_and_tags(tracked, store):
     assert tags["genopt.init"] == "prompt_only"
     assert tags["genopt.config_hash"] == CONFIG.config_hash()
     assert tags["genopt.objective"] == "Answer questions well."
-    assert tags["genopt.version"]
+    assert tags["genopt.library_version"]
     assert tags["genopt.selected_version"] == V1.version_id
     assert tags["genopt.stop_reason"] == "completed"
     assert "genopt.tracking_errors" not in tags and tracker.errors == ()

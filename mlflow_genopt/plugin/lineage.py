@@ -41,10 +41,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from ..tracking import layout
 from . import lineage_templates
-from .lineage_data import KEY_PARAMS, LOOP_RUN_TAG, LineageReader
+from .lineage_data import KEY_PARAMS, LineageReader, is_loop_run
 from .prompts import registered_prompts
-from .run_context import library_version
 
 __all__ = ["create_app", "register", "blueprint"]
 
@@ -106,7 +106,7 @@ def _mlflow_model_url(run: Run, model_id: str) -> str:
 
 _env.filters.update(score=_score, when=_when, diff_lines=_diff_lines)
 _env.globals.update(url_for=url_for, mlflow_run_url=_mlflow_run_url,
-                    mlflow_model_url=_mlflow_model_url, library_version=library_version(),
+                    mlflow_model_url=_mlflow_model_url, library_version=layout.library_version(),
                     key_params=KEY_PARAMS)
 
 
@@ -193,11 +193,11 @@ def _load_loop(run_id: str):
         run = data.run(run_id)
     except MlflowException:
         return None, _error("Run not found", f"No run {run_id!r} in this tracking server.", 404)
-    if LOOP_RUN_TAG not in run.data.tags:
+    if not is_loop_run(run):
         return None, _error(
             "Not a learning loop",
             f"Run {run_id} was not logged by an mlflow-genopt learning loop "
-            f"(it has no {LOOP_RUN_TAG} tag).", 404)
+            f"(it has no {layout.TAG_LOOP_RUN} tag).", 404)
     return data.loop(run), None
 
 

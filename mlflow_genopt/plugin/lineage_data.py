@@ -1,10 +1,12 @@
 """What the lineage pages show, read from MLflow through its client API (any tracking backend).
 
-The data comes from what :class:`~mlflow_genopt.tracking.MlflowTracker` writes:
+The data comes from what :class:`~mlflow_genopt.tracking.MlflowTracker` writes, read by the
+names in :mod:`mlflow_genopt.tracking.layout`:
 
-* loop runs: runs with the tag ``genopt.objective``, which only the tracker sets (runs that user
-  code starts while a loop is active also get ``genopt.config_hash``, from the run context
-  provider, but are not loop runs); their params are the loop config;
+* loop runs: runs with the tag ``genopt.loop_run=true``, which only the tracker sets (runs that
+  user code starts while a loop is active also get ``genopt.config_hash``, from the run context
+  provider, but are not loop runs; runs logged before that marker existed are recognised by
+  their ``genopt.objective`` tag when opened, but not listed); their params are the loop config;
 * versions: the run's ``genopt-artifact`` LoggedModels, named by version id, with tags
   ``genopt.parent_id`` / ``genopt.step`` / ``genopt.status`` / ``genopt.selected`` and metrics
   ``val_score``, ``candidate_batch_score``, ``test_score`` (``versions.jsonl`` when a store has
@@ -37,17 +39,17 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
 from ..artifact import diff
+from ..tracking import layout
 
-__all__ = ["ArtifactReader", "LineageReader", "LoopView", "VersionNode", "StepRow", "LOOP_RUN_TAG"]
+__all__ = ["ArtifactReader", "LineageReader", "LoopView", "VersionNode", "StepRow", "is_loop_run"]
 
 ArtifactReader = Callable[[Run, str], "bytes | None"]
 
-LOOP_RUN_TAG = "genopt.objective"  # set by MlflowTracker on loop runs only
-LOOP_RUN_FILTER = f"tags.`{LOOP_RUN_TAG}` IS NOT NULL"
-MODEL_TYPE = "genopt-artifact"
 _TERMINAL = {"FINISHED", "FAILED", "KILLED"}
-_STEP_METRICS = ("batch_score", "candidate_batch_score", "val_score", "best_val_score", "valid",
-                 "accepted", "total_tokens", "step_wall_time_s")
+_STEP_METRICS = (layout.METRIC_BATCH_SCORE, layout.METRIC_CANDIDATE_BATCH_SCORE,
+                 layout.METRIC_VAL_SCORE, layout.METRIC_BEST_VAL_SCORE, layout.METRIC_VALID,
+                 layout.METRIC_ACCEPTED, layout.METRIC_TOTAL_TOKENS,
+                 layout.METRIC_STEP_WALL_TIME_S)
 # Loop-config params worth a glance in headers and the run list, in this order.
 KEY_PARAMS = ("batch_size", "credit_horizon", "memory_size", "acceptance", "steps",
               "optimizer_model", "task_model", "seed")
@@ -111,7 +113,7 @@ class LoopView:
 
     @property
     def is_loop_run(self) -> bool:
-        return LOOP_RUN_TAG in self.run.data.tags
+        return is_loop_run(self.run)
 
     @property
     def name(self) -> str:
@@ -131,7 +133,7 @@ class LoopView:
 
     @property
     def selected(self) -> VersionNode | None:
-        chosen = self.tags.get("genopt.selected_version")
+        chosen = self.tags.get(layout.TAG_SELECTED_VERSION)
         for node in self.versions:
             if node.selected or node.version_id == chosen:
                 return node
@@ -142,6 +144,14 @@ class LoopView:
 
     def step_row(self, step: int) -> StepRow | None:
         return next((s for s in self.steps if s.step == step), None)
+
+
+def is_loop_run(run: Run) -> bool:
+    """Whether ``run`` is a learning loop logged by the tracker (or by a tracker from before the
+    ``genopt.loop_run`` marker, which set only ``genopt.objective``)."""
+    tags = run.data.tags
+    return layout.is_loop_run(tags) or (layout.TAG_OBJECTIVE in tags
+                                        and layout.TAG_LOOP_RUN not in tags)
 
 
 def _float(value: Any) -> float | None:
@@ -170,7 +180,7 @@ class LineageReader:
         if not experiments:
             return []
         return list(self.client.search_runs(
-            [e.experiment_id for e in experiments], filter_string=LOOP_RUN_FILTER,
+            [e.experiment_id for e in experiments], filter_string=layout.LOOP_RUN_FILTER,
             run_view_type=ViewType.ACTIVE_ONLY, max_results=max_results,
             order_by=["attributes.start_time DESC"],
         ))
@@ -212,7 +222,7 @@ class LineageReader:
                     filter_string=f"source_run_id = '{run.info.run_id}'",
                     max_results=100, page_token=token,
                 )
-                models.extend(m for m in page if m.model_type in (None, MODEL_TYPE))
+                models.extend(m for m in page if m.model_type in (None, layout.MODEL_TYPE))
                 token = page.token
                 if not token:
                     return models
@@ -225,22 +235,22 @@ class LineageReader:
         latest: dict[str, Any] = {}  # metric key -> its last value (by step, then time)
         for metric in sorted(model.metrics or [], key=lambda m: (m.step, m.timestamp)):
             latest[metric.key] = metric.value
-        parent = tags.get("genopt.parent_id")
+        parent = tags.get(layout.TAG_PARENT_ID)
         return VersionNode(
-            version_id=tags.get("genopt.version_id", model.name),
-            parent_id=None if parent in (None, "", "none") else parent,
-            step=int(tags.get("genopt.step", "0") or 0),
-            status=tags.get("genopt.status", "?"),
-            selected=tags.get("genopt.selected") == "true",
-            val_score=_float(latest.get("val_score")),
-            batch_score=_float(latest.get("candidate_batch_score")),
-            test_score=_float(latest.get("test_score")),
+            version_id=tags.get(layout.TAG_VERSION_ID, model.name),
+            parent_id=None if parent in (None, "", layout.NO_PARENT) else parent,
+            step=int(tags.get(layout.TAG_STEP, "0") or 0),
+            status=tags.get(layout.TAG_STATUS, "?"),
+            selected=tags.get(layout.TAG_SELECTED) == "true",
+            val_score=_float(latest.get(layout.METRIC_VAL_SCORE)),
+            batch_score=_float(latest.get(layout.METRIC_CANDIDATE_BATCH_SCORE)),
+            test_score=_float(latest.get(layout.METRIC_TEST_SCORE)),
             model_id=model.model_id,
         )
 
     def _versions_from_artifact(self, run: Run) -> list[VersionNode]:
         nodes = []
-        for row in self.jsonl(run, "versions.jsonl"):
+        for row in self.jsonl(run, layout.VERSIONS_FILE):
             nodes.append(VersionNode(
                 version_id=row["version_id"], parent_id=row.get("parent_id"),
                 step=int(row.get("step", 0)), status=row.get("status", "?"),
@@ -259,24 +269,28 @@ class LineageReader:
                             key=lambda m: (m.step, m.timestamp))
             histories[key] = {m.step: m.value for m in points}
         candidates = {v.step: v.version_id for v in versions if v.step > 0}
-        steps = sorted(histories.get("valid", {}) or histories.get("batch_score", {}))
+        steps = sorted(histories.get(layout.METRIC_VALID, {})
+                       or histories.get(layout.METRIC_BATCH_SCORE, {}))
         get = lambda key, step: _float(histories.get(key, {}).get(step))  # noqa: E731
         flag = lambda key, step: (None if get(key, step) is None  # noqa: E731
                                   else bool(get(key, step)))
         return [
-            StepRow(step=step, batch_score=get("batch_score", step),
-                    candidate_batch_score=get("candidate_batch_score", step),
-                    val_score=get("val_score", step), best_val_score=get("best_val_score", step),
-                    valid=flag("valid", step), accepted=flag("accepted", step),
-                    candidate_id=candidates.get(step), tokens=get("total_tokens", step),
-                    wall_time_s=get("step_wall_time_s", step))
+            StepRow(step=step, batch_score=get(layout.METRIC_BATCH_SCORE, step),
+                    candidate_batch_score=get(layout.METRIC_CANDIDATE_BATCH_SCORE, step),
+                    val_score=get(layout.METRIC_VAL_SCORE, step),
+                    best_val_score=get(layout.METRIC_BEST_VAL_SCORE, step),
+                    valid=flag(layout.METRIC_VALID, step),
+                    accepted=flag(layout.METRIC_ACCEPTED, step),
+                    candidate_id=candidates.get(step),
+                    tokens=get(layout.METRIC_TOTAL_TOKENS, step),
+                    wall_time_s=get(layout.METRIC_STEP_WALL_TIME_S, step))
             for step in steps
         ]
 
     # --- evidence ---------------------------------------------------------------------------
     def version_record(self, run: Run, version_id: str) -> dict[str, Any] | None:
         """``versions/<id>/version.json``: values, lineage, scores and the optimizer's reasoning."""
-        record = self.json(run, f"versions/{version_id}/version.json")
+        record = self.json(run, f"{layout.version_dir(version_id)}/{layout.VERSION_FILE}")
         return record if isinstance(record, dict) else None
 
     def version_values(self, run: Run, version_id: str) -> dict[str, str] | None:
@@ -287,13 +301,13 @@ class LineageReader:
         """What the optimizer saw and said at ``step``: the learning context (a list of chat
         messages), its raw response, the parsed proposal (reasoning, invalid reason) and the
         trials of the current version (``trials``) and of the candidate (``candidate_trials``)."""
-        folder = f"steps/{step:03d}"
+        folder = layout.step_dir(step)
         return {
-            "context": self.json(run, f"{folder}/context.json"),
-            "response": self.text(run, f"{folder}/response.txt"),
-            "proposal": self.json(run, f"{folder}/proposal.json"),
-            "trials": self.jsonl(run, f"{folder}/trials.jsonl"),
-            "candidate_trials": self.jsonl(run, f"{folder}/candidate_trials.jsonl"),
+            "context": self.json(run, f"{folder}/{layout.CONTEXT_FILE}"),
+            "response": self.text(run, f"{folder}/{layout.RESPONSE_FILE}"),
+            "proposal": self.json(run, f"{folder}/{layout.PROPOSAL_FILE}"),
+            "trials": self.jsonl(run, f"{folder}/{layout.TRIALS_FILE}"),
+            "candidate_trials": self.jsonl(run, f"{folder}/{layout.CANDIDATE_TRIALS_FILE}"),
         }
 
     def diff(self, old_run: Run, old_id: str, new_run: Run, new_id: str) -> str | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import jinja2
 
+from ..tracking import layout
+
 _BASE = r"""<!doctype html>
 <html lang="en">
 <head>
@@ -155,15 +157,15 @@ Open one to see its tree of artifact versions, or pick two to compare their best
   {% set t = r.data.tags %}{% set p = r.data.params %}
   <tr>
     <td><a href="{{ url_for('genopt.loop_page', run_id=r.info.run_id) }}">{{ r.info.run_name or r.info.run_id }}</a>
-        {% if t.get('genopt.study') %}<div class="muted">study {{ t['genopt.study'] }}</div>{% endif %}</td>
+        {% if t.get(layout.TAG_STUDY) %}<div class="muted">study {{ t[layout.TAG_STUDY] }}</div>{% endif %}</td>
     <td>{{ experiments.get(r.info.experiment_id, r.info.experiment_id) }}</td>
-    <td>{{ t.get('genopt.task', p.get('task', '')) }}</td>
-    <td>{{ t.get('genopt.init', p.get('init', '')) }}</td>
+    <td>{{ t.get(layout.TAG_TASK, p.get('task', '')) }}</td>
+    <td>{{ t.get(layout.TAG_INIT, p.get('init', '')) }}</td>
     <td class="num">{{ p.get('batch_size', '') }}</td>
     <td class="num">{{ p.get('steps', '') }}</td>
-    <td class="num">{{ r.data.metrics.get('best_val_score')|score }}</td>
-    <td class="num">{{ r.data.metrics.get('test_score')|score }}</td>
-    <td><code>{{ t.get('genopt.selected_version', '') }}</code></td>
+    <td class="num">{{ r.data.metrics.get(layout.METRIC_BEST_VAL_SCORE)|score }}</td>
+    <td class="num">{{ r.data.metrics.get(layout.METRIC_TEST_SCORE)|score }}</td>
+    <td><code>{{ t.get(layout.TAG_SELECTED_VERSION, '') }}</code></td>
     <td>{{ r.info.status }}</td>
     <td class="muted">{{ r.info.start_time|when }}</td>
     <td><a href="{{ mlflow_run_url(r) }}" title="the run in the MLflow UI">MLflow&nbsp;&#8599;</a></td>
@@ -185,16 +187,16 @@ _LOOP = r"""{% extends "base.html" %}
 <div class="muted"><a href="{{ url_for('genopt.index') }}">Learning loops</a> &rsaquo; {{ view.experiment_name }}</div>
 <h1>{{ view.name }}</h1>
 <div class="facts">
-  <span>project <b>{{ t.get('genopt.project', p.get('project', '?')) }}</b></span>
-  <span>task <b>{{ t.get('genopt.task', p.get('task', '?')) }}</b></span>
-  <span>starting artifact <b>{{ t.get('genopt.init', p.get('init', '?')) }}</b></span>
+  <span>project <b>{{ t.get(layout.TAG_PROJECT, p.get('project', '?')) }}</b></span>
+  <span>task <b>{{ t.get(layout.TAG_TASK, p.get('task', '?')) }}</b></span>
+  <span>starting artifact <b>{{ t.get(layout.TAG_INIT, p.get('init', '?')) }}</b></span>
   {% for key in key_params if key in p %}<span>{{ key }} <b>{{ p[key] }}</b></span>{% endfor %}
 </div>
 <div class="facts">
   <span>status <b>{{ view.run.info.status }}</b></span>
-  {% if t.get('genopt.stop_reason') %}<span>stop reason <b>{{ t['genopt.stop_reason'] }}</b></span>{% endif %}
-  <span>best val <b>{{ view.metrics.get('best_val_score')|score }}</b></span>
-  <span>test <b>{{ view.metrics.get('test_score')|score }}</b></span>
+  {% if t.get(layout.TAG_STOP_REASON) %}<span>stop reason <b>{{ t[layout.TAG_STOP_REASON] }}</b></span>{% endif %}
+  <span>best val <b>{{ view.metrics.get(layout.METRIC_BEST_VAL_SCORE)|score }}</b></span>
+  <span>test <b>{{ view.metrics.get(layout.METRIC_TEST_SCORE)|score }}</b></span>
   {% if view.selected %}<span>selected <a href="{{ url_for('genopt.loop_page', run_id=view.run_id, version=view.selected.version_id) }}"><code>{{ view.selected.version_id }}</code></a></span>{% endif %}
   {% for uri in prompts %}<span>prompt <code>{{ uri }}</code></span>{% endfor %}
   <span><a href="{{ mlflow_run_url(view.run) }}" data-testid="mlflow-run-link">Open the run in MLflow &#8599;</a></span>
@@ -325,12 +327,12 @@ _COMPARE = r"""{% extends "base.html" %}
 <h1>Best versions of two learning loops</h1>
 <table data-testid="compare">
   <tr><th></th>{% for v in views %}<th><a href="{{ url_for('genopt.loop_page', run_id=v.run_id) }}">{{ v.name }}</a> <a href="{{ mlflow_run_url(v.run) }}" title="the run in the MLflow UI">&#8599;</a></th>{% endfor %}</tr>
-  <tr><td>task</td>{% for v in views %}<td>{{ v.tags.get('genopt.task', '') }}</td>{% endfor %}</tr>
+  <tr><td>task</td>{% for v in views %}<td>{{ v.tags.get(layout.TAG_TASK, '') }}</td>{% endfor %}</tr>
   <tr><td>selected version</td>{% for v in views %}<td>{% if v.selected %}<a href="{{ url_for('genopt.loop_page', run_id=v.run_id, version=v.selected.version_id) }}"><code>{{ v.selected.version_id }}</code></a>{% else %}&ndash;{% endif %}</td>{% endfor %}</tr>
-  <tr><td>best val score</td>{% for v in views %}<td>{{ v.metrics.get('best_val_score')|score }}</td>{% endfor %}</tr>
-  <tr><td>test score</td>{% for v in views %}<td>{{ v.metrics.get('test_score')|score }}</td>{% endfor %}</tr>
+  <tr><td>best val score</td>{% for v in views %}<td>{{ v.metrics.get(layout.METRIC_BEST_VAL_SCORE)|score }}</td>{% endfor %}</tr>
+  <tr><td>test score</td>{% for v in views %}<td>{{ v.metrics.get(layout.METRIC_TEST_SCORE)|score }}</td>{% endfor %}</tr>
   <tr><td>versions (accepted / rejected)</td>{% for v in views %}<td>{{ v.versions|length }} ({{ v.versions|selectattr('status', 'equalto', 'accepted')|list|length }} / {{ v.versions|selectattr('status', 'equalto', 'rejected')|list|length }})</td>{% endfor %}</tr>
-  <tr><td>total tokens</td>{% for v in views %}<td>{{ (v.metrics.get('totals/prompt_tokens', 0) + v.metrics.get('totals/completion_tokens', 0))|int }}</td>{% endfor %}</tr>
+  <tr><td>total tokens</td>{% for v in views %}<td>{{ (v.metrics.get(layout.totals_metric('prompt_tokens'), 0) + v.metrics.get(layout.totals_metric('completion_tokens'), 0))|int }}</td>{% endfor %}</tr>
 </table>
 <h2>Loop config differences</h2>
 {% if param_diff %}
@@ -363,11 +365,14 @@ TEMPLATES = {
 
 
 def environment() -> jinja2.Environment:
-    """The templates above with autoescaping on (all text shown comes from the store)."""
-    return jinja2.Environment(
+    """The templates above with autoescaping on (all text shown comes from the store); they read
+    tag and metric names from the global ``layout`` (:mod:`mlflow_genopt.tracking.layout`)."""
+    env = jinja2.Environment(
         loader=jinja2.DictLoader(TEMPLATES),
         autoescape=True,
         undefined=jinja2.ChainableUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.globals["layout"] = layout
+    return env

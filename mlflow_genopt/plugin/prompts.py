@@ -35,6 +35,7 @@ from mlflow import MlflowClient
 
 from ..artifact import ArtifactSpec, Parameter
 from ..events import LoopCallback, LoopResult, LoopStart
+from ..tracking import layout
 
 __all__ = ["PromptRegistrar", "prompt_name", "to_mlflow_template", "register_prompts"]
 
@@ -81,13 +82,13 @@ def register_prompts(
         name = prompt_name(config.project, config.task, parameter.name)
         template = to_mlflow_template(selected.values[parameter.name], parameter.placeholders)
         tags = {
-            "genopt.version_id": selected.version_id,
-            "genopt.config_hash": config.config_hash(),
-            "genopt.val_score": repr(result.best_val_score),
-            "genopt.test_score": repr(result.test_score),
+            layout.TAG_VERSION_ID: selected.version_id,
+            layout.TAG_CONFIG_HASH: config.config_hash(),
+            layout.TAG_VAL_SCORE: repr(result.best_val_score),
+            layout.TAG_TEST_SCORE: repr(result.test_score),
         }
         if run_id is not None:
-            tags["genopt.run_id"] = run_id
+            tags[layout.TAG_RUN_ID] = run_id
         version = _existing_version(client, name, template)
         if version is None:
             version = client.register_prompt(
@@ -145,7 +146,7 @@ class PromptRegistrar(LoopCallback):
             self.uris = register_prompts(client, result, self.spec, run_id=run_id,
                                          model_id=model_id)
             if self.uris:
-                client.set_tag(run_id, "genopt.registered_prompts", ",".join(self.uris))
+                client.set_tag(run_id, layout.TAG_REGISTERED_PROMPTS, ",".join(self.uris))
         except Exception as exc:  # the loop is over and tracked; registration is a bonus
             self.error = f"{type(exc).__name__}: {exc}"
             _logger.warning("genopt: could not register the selected prompt(s) in MLflow (%s)",
@@ -154,5 +155,5 @@ class PromptRegistrar(LoopCallback):
 
 def registered_prompts(tags: Mapping[str, str]) -> list[str]:
     """The prompt URIs a loop run registered, from its tags."""
-    value = tags.get("genopt.registered_prompts", "")
+    value = tags.get(layout.TAG_REGISTERED_PROMPTS, "")
     return [uri for uri in value.split(",") if uri]
