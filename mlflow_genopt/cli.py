@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from dataclasses import fields
@@ -159,116 +158,25 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optional_number(flag: str, text: str | None, kind: type) -> Any:
-    """``--n-trials``/``--timeout`` values: a number, or ``none``/empty (MLproject passes text)."""
-    if text is None or str(text).strip().lower() in ("", "none", "null"):
-        return None
-    try:
-        number = float(text)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or (kind is int and number != int(number)):
-        raise ConfigError(f"{flag}: must be {'an integer' if kind is int else 'a number'} or none, "
-                          f"got {text!r}")
-    return kind(number)
-
-
 def build_study_config(project_name: str, args: argparse.Namespace):
     """The study a `genopt study` command describes: the loop config as for `genopt run` (the
     base of every trial), then the search space: the project's, or ``--space FILE`` instead;
     fields given as explicit loop-config flags (``--batch-size 3``, ``--option k=v``) are fixed,
     not searched; ``--param``/``--params`` add or replace dimensions last."""
     from .project import load_project
-    from .study import StudyConfig, load_search_space, parse_param, parse_search_space
+    from .study import study_config_from_args
 
     base = build_config(project_name, args)
-    if args.space:
-        space = load_search_space(args.space)
-    else:
-        space = parse_search_space(getattr(load_project(project_name), "search_space", {}) or {})
     fixed = {f.name for f in _CONFIG_FLAGS if getattr(args, f.name, None) is not None}
     fixed |= {f"task_options.{_parse_option(text)[0]}" for text in args.option or []}
-    space = {name: dim for name, dim in space.items() if name not in fixed}
-    flags = list(args.param or [])
-    flags += [s.strip() for s in (args.params or "").split(";") if s.strip()]
-    for text in flags:
-        name, dim = parse_param(text)
-        space[name] = dim
-    return StudyConfig(
-        base=base,
-        search_space=space,
-        study_name=args.study_name or None,
-        storage=args.storage,
-        sampler=args.sampler,
-        n_trials=_optional_number("--n-trials", args.n_trials, int),
-        timeout_s=_optional_number("--timeout", args.timeout, float),
-        sampler_seed=args.sampler_seed,
-        objectives=args.objectives,
-        pruner=args.pruner,
-        pruner_startup_trials=args.pruner_startup_trials,
-        pruner_warmup_steps=args.pruner_warmup_steps,
-        pruner_percentile=args.pruner_percentile,
-        pruner_p_threshold=args.pruner_p_threshold,
-        heartbeat_interval_s=args.heartbeat_interval,
-        grace_period_s=args.grace_period,
-        max_retry=args.max_retry,
-        max_tokens=_optional_number("--study-max-tokens", args.study_max_tokens, int),
-        max_cost_usd=_optional_number("--study-max-cost-usd", args.study_max_cost_usd, float),
-        max_wall_time_s=_optional_number("--study-max-wall-time-s", args.study_max_wall_time_s, float),
-    )
+    space = getattr(load_project(project_name), "search_space", {}) or {}
+    return study_config_from_args(base, space, args, fixed=fixed)
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    study = parser.add_argument_group("study (see README: Studies)")
-    study.add_argument("--space", metavar="FILE",
-                       help="YAML file with the search space (replaces the project's)")
-    study.add_argument("--param", action="append", metavar="NAME=SPEC",
-                       help="search a field: batch_size=1,3,5 | memory_size=0..6:2 | "
-                            "optimizer_temperature=0.1..1.0:log (repeatable; replaces that field)")
-    study.add_argument("--params", metavar="SPECS",
-                       help="several --param specs separated by ';' (for MLproject)")
-    study.add_argument("--sampler", default="auto",
-                       help="auto (grid for finite spaces up to 64 points, else tpe), grid, "
-                            "brute_force, tpe, random (default: auto)")
-    study.add_argument("--n-trials", default=None,
-                       help="finished trials the study should hold, over all workers "
-                            "(default: every point of a grid, else 20)")
-    study.add_argument("--timeout", default=None,
-                       help="seconds after which this worker starts no new trial")
-    study.add_argument("--sampler-seed", type=int, default=0, help="sampler seed (default: 0)")
-    study.add_argument("--objectives", default="score",
-                       help="score (maximize best validation score) or score,tokens (also "
-                            "minimize LLM tokens; multi-objective)")
-    study.add_argument("--pruner", default="auto",
-                       help="auto (median; none for score,tokens), none, median, percentile, wilcoxon")
-    study.add_argument("--pruner-startup-trials", type=int, default=5,
-                       help="finished trials before pruning starts (default: 5)")
-    study.add_argument("--pruner-warmup-steps", type=int, default=0,
-                       help="steps of each loop before it can be pruned (default: 0)")
-    study.add_argument("--pruner-percentile", type=float, default=25.0,
-                       help="percentile pruner: prune below this percentile (default: 25)")
-    study.add_argument("--pruner-p-threshold", type=float, default=0.1,
-                       help="wilcoxon pruner: p-value threshold (default: 0.1)")
-    study.add_argument("--storage", default="sqlite:///optuna.db",
-                       help="Optuna storage: sqlite:///optuna.db (default), "
-                            "postgresql://user:pw@host/db, journal:path/study.log, memory")
-    study.add_argument("--study-name", default=None,
-                       help="default: <project>-<task>-<hash of base config, space, objectives>")
-    study.add_argument("--heartbeat-interval", type=int, default=60,
-                       help="seconds between a running trial's heartbeats (RDB storages)")
-    study.add_argument("--grace-period", type=int, default=None,
-                       help="seconds without heartbeat before a trial is failed (default: 2x interval)")
-    study.add_argument("--max-retry", type=int, default=1,
-                       help="how often a failed point is queued again (default: 1)")
-    study.add_argument("--study-max-tokens", default=None, metavar="N",
-                       help="study budget: stop once its trials spent N LLM tokens (all workers; "
-                            "--max-tokens is the per-loop budget)")
-    study.add_argument("--study-max-cost-usd", default=None, metavar="USD",
-                       help="study budget: stop once its trials spent this much (list prices)")
-    study.add_argument("--study-max-wall-time-s", default=None, metavar="S",
-                       help="study budget: stop this worker, running loop included, after S seconds")
-    study.add_argument("--summary-dir", default=None,
-                       help="where the summary files go (default: .genopt/studies/<study name>)")
+    from .study import add_study_arguments
+
+    add_study_arguments(parser)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:

@@ -338,16 +338,38 @@ def test_journal_storage_resumes_and_refuses_a_different_definition(tmp_path):
                               storage=storage, study_name="j"), tracking_uri=None, **llms)
 
 
-@pytest.mark.parametrize("pruner", ["percentile", "wilcoxon"])
-def test_percentile_and_wilcoxon_pruners_run_a_study(tmp_path, pruner):
-    config = StudyConfig(base(steps=2), parse_search_space({"init": ["prompt_and_extraction", "prompt_only"]}),
-                         storage=f"sqlite:///{tmp_path}/optuna.db", pruner=pruner,
-                         pruner_startup_trials=1, pruner_percentile=50.0)
-    result = run_study(config, tracking_uri=None, cache_dir=None, summary_dir=tmp_path / "s",
+def _two_inits_study(tmp_path, pruner):
+    """A 3-step grid study over ``init``: prompt_and_extraction learns the good prompt at step 1
+    (best val 1), prompt_only never does (best val 0). With seed 0 the grid runs the winner
+    first, so the losing loop runs second: the one a pruner should stop early."""
+    config = StudyConfig(
+        base(steps=3), parse_search_space({"init": ["prompt_only", "prompt_and_extraction"]}),
+        storage=f"sqlite:///{tmp_path}/{pruner}.db", study_name=pruner, sampler_seed=0,
+        pruner=pruner, pruner_startup_trials=1, pruner_percentile=50.0,
+        pruner_p_threshold=0.3,  # two steps each losing by 1: exact one-sided Wilcoxon p = 1/4
+    )
+    result = run_study(config, tracking_uri=None, cache_dir=None, summary_dir=tmp_path / pruner,
                        optimizer_llm=ScriptedLLM(optimizer_model), task_llm=ScriptedLLM(task_model))
-    assert result.pruner == pruner and result.count("COMPLETE") + result.count("PRUNED") == 2
+    return result, study_trials(config.storage, pruner)
+
+
+@pytest.mark.parametrize("pruner", ["percentile", "wilcoxon"])
+def test_percentile_and_wilcoxon_pruners_stop_a_loop_that_no_pruner_runs_to_the_end(tmp_path, pruner):
+    unpruned, unpruned_trials = _two_inits_study(tmp_path, "none")  # optuna's NopPruner
+    # the setup the pruner is tested on: the loser runs after the winner, to the end
+    assert [t.params["init"] for t in unpruned.trials] == ["prompt_and_extraction", "prompt_only"]
+    assert [(t.state, t.steps_run) for t in unpruned.trials] == [("COMPLETE", 3), ("COMPLETE", 3)]
+    assert [t.best_val_score for t in unpruned.trials] == [1.0, 0.0]
+    assert all(t.intermediate_values for t in unpruned_trials)  # reported, never pruned
+
+    result, trials = _two_inits_study(tmp_path, pruner)
+    assert result.pruner == pruner
+    assert [t.params for t in result.trials] == [t.params for t in unpruned.trials]  # same order
+    winner, loser = result.trials
+    assert (winner.state, winner.steps_run) == ("COMPLETE", 3)
+    assert loser.state == "PRUNED" and loser.stop_reason == "pruned" and loser.steps_run < 3
+    assert loser.tokens < unpruned.trials[1].tokens  # the steps it did not run were not paid for
     assert result.recommended.params["init"] == "prompt_and_extraction"
-    trials = study_trials(config.storage, config.resolved_name())
     assert all(t.intermediate_values for t in trials)  # every step reported to the pruner
 
 
