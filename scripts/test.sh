@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
 # Set up and run the test suite on a fresh machine (Python 3.11 + pip).
-# Creates .venv, installs the project with its test extras, then runs pytest.
-# The first install compiles llama-cpp-python (about 10 minutes on 2 cores); pip's wheel cache
-# makes later installs fast.
+# Creates .venv and installs the project with its test extras (scripts/setup.sh test), then runs
+# pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MLFLOW_DISABLE_TELEMETRY=true
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test]"
+bash scripts/setup.sh test
 
 # PostgreSQL for the multi-worker study tests (tests/test_study_postgres.py): as root on a
 # Debian-like machine it is installed once, started, and given a test role and database; the
