@@ -114,8 +114,8 @@ def task_step_costs(repeats: int = 3) -> dict[str, float]:
     costs: dict[str, float] = {}
     for horizon in (1, 100):
         config = PROJECT.config(task="Pong", credit_horizon=horizon)
-        task = PROJECT.make_task(config, None)
-        values = dict(PROJECT.starting_artifact("single").values)
+        task = PROJECT.build_task(config)
+        values = dict(PROJECT.starting_artifacts["single"].values)
         try:
             [example] = task.examples("train")[:1]
             started = time.perf_counter()

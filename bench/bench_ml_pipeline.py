@@ -29,41 +29,29 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from genopt_projects.ml_pipeline import PROJECT, STARTING_ARTIFACTS  # noqa: E402
-from mlflow_genopt.llm.base import ObservedLLM  # noqa: E402
+from mlflow_genopt.build import build_loop  # noqa: E402
 from mlflow_genopt.llm.scripted import ScriptedLLM  # noqa: E402
-from mlflow_genopt.loop import LearningLoop, UsageMeter  # noqa: E402
-from mlflow_genopt.optimizer import Optimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"spaceship-titanic": "spaceship-titanic", "house-prices": "house-price"}
 EDITED = {"one_function": "train_model", "many_function": "create_ensemble_model"}
 
 
-class TimedTask:
-    """The real task, with the wall time of every evaluate call recorded per split."""
+def time_evaluations(task) -> dict[str, list[float]]:
+    """Record the wall time of every evaluate call of ``task``, per split. The loop's evaluation
+    cache answers re-evaluations without calling the task, so every call recorded is real."""
+    times: dict[str, list[float]] = {"train": [], "val": [], "test": []}
+    evaluate = task.evaluate
 
-    def __init__(self, task) -> None:
-        self.task = task
-        self.name, self.objective, self.spec = task.name, task.objective, task.spec
-        self.times: dict[str, list[float]] = {"train": [], "val": [], "test": []}
-
-    def examples(self, split):
-        return self.task.examples(split)
-
-    def evaluate(self, version, examples):
-        split = examples[0].input["split"] if examples else "train"
-        cached = all((version.content_hash, e.id) in self.task._cache for e in examples)
+    def timed(version, examples, context=None):
         started = time.perf_counter()
-        trials = self.task.evaluate(version, examples)
-        if not cached:  # a cached re-evaluation of the current version costs nothing
-            self.times[split].append(time.perf_counter() - started)
+        trials = evaluate(version, examples, context)
+        if examples:
+            times[examples[0].input["split"]].append(time.perf_counter() - started)
         return trials
 
-    def export(self, version, directory):
-        self.task.export(version, directory)
-
-    def close(self):
-        self.task.close()
+    task.evaluate = timed
+    return times
 
 
 def scripted_optimizer(init: str, latency_s: float) -> ScriptedLLM:
@@ -84,23 +72,18 @@ def bench(task_name: str, init: str, args) -> dict:
         options["max_train_rows"] = args.max_train_rows
     config = PROJECT.config(task=task_name, init=init, steps=args.steps, batch_size=1,
                             acceptance="always", task_options=options)
-    task = TimedTask(PROJECT.make_task(config, None))
-    starting = PROJECT.starting_artifact(init)
-    usage = UsageMeter()  # the loop's per-step LLM latency comes from observed calls, as in run_loop
-    llm = ObservedLLM(scripted_optimizer(init, args.llm_latency), "optimizer", [usage.on_llm_call])
-    optimizer = Optimizer(llm, max_tokens=2048)
-    try:
-        result = LearningLoop(config, task, optimizer, dict(starting.values), spec=starting.spec,
-                              usage=usage).run()
-    finally:
-        task.close()
+    built = build_loop(config, optimizer_llm=scripted_optimizer(init, args.llm_latency),
+                       cache_dir=None)
+    times = time_evaluations(built.task)
+    with built:
+        result = built.loop.run()
     steps = result.steps
     wall = sum(s.wall_time_s for s in steps)
     llm = sum(s.llm_latency_s for s in steps)
     return {
-        "task": task_name, "init": init, "rows": len(task.task.labeled),
-        "fold_s": statistics.mean(task.times["train"]),
-        "val_s": statistics.mean(task.times["val"]),
+        "task": task_name, "init": init, "rows": len(built.task.labeled),
+        "fold_s": statistics.mean(times["train"]),
+        "val_s": statistics.mean(times["val"]),
         "step_s": wall / len(steps), "llm_s": llm / len(steps),
         "eval_s": sum(s.eval_time_s for s in steps) / len(steps),
         "outside_llm": (wall - llm) / wall if wall else 0.0,

@@ -69,7 +69,7 @@ def dead_endpoint(workdir: Path) -> tuple[bool, float, str]:
 
     from mlflow_genopt.config import LoopConfig
     from mlflow_genopt.llm.base import LLMError
-    from mlflow_genopt.runner import run_loop
+    from mlflow_genopt.build import run_loop
 
     config = LoopConfig(project="bbeh", task="generated_arithmetic", steps=3, batch_size=1,
                         optimizer_model="openai:fake", task_model="openai:fake",
@@ -80,7 +80,7 @@ def dead_endpoint(workdir: Path) -> tuple[bool, float, str]:
     started = time.monotonic()
     try:
         with FakeOpenAI(task=arithmetic_task_model, down=True) as server:
-            run_loop(config, tracking_uri=uri, experiment="dead", cache_dir=None, base_url=server.base_url)
+            run_loop(config, tracking=uri, experiment="dead", cache_dir=None, base_url=server.base_url)
         return False, time.monotonic() - started, "the loop did not fail"
     except LLMError as exc:
         elapsed = time.monotonic() - started

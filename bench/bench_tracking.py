@@ -32,7 +32,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from genopt_projects.bbeh import PROJECT  # noqa: E402
 from mlflow_genopt.llm.cache import CachedLLM  # noqa: E402
 from mlflow_genopt.llm.scripted import ScriptedLLM  # noqa: E402
-from mlflow_genopt.runner import run_loop  # noqa: E402
+from mlflow_genopt.build import run_loop  # noqa: E402
 
 
 def scripted_llms(latency_s: float):
@@ -62,7 +62,7 @@ def one_loop(steps: int, tracking: bool, workdir: Path, latency_s: float,
     started = time.perf_counter()
     result = run_loop(
         config,
-        tracking_uri=f"sqlite:///{workdir}/mlflow.db" if tracking else None,
+        tracking=f"sqlite:///{workdir}/mlflow.db" if tracking else None,
         experiment="bench", cache_dir=None, optimizer_llm=opt_llm, task_llm=task_llm,
     )
     wall = time.perf_counter() - started

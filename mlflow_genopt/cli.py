@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
-from .config import ConfigError, LoopConfig
+from .config import GENERIC_DEFAULTS, ConfigError, LoopConfig
 
 _CONFIG_FLAGS = [f for f in fields(LoopConfig) if f.name not in ("project", "task_options")]
 
@@ -32,40 +32,23 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def build_config(project_name: str, args: argparse.Namespace) -> LoopConfig:
     """Project defaults, then ``--config FILE``, then explicit flags (later wins)."""
-    from .project import load_project
+    from .build import resolve_config
 
-    project = load_project(project_name)
-    data: dict[str, Any] = {"project": project_name, **project.defaults}
-    if args.config:
-        file_config = LoopConfig.from_file(args.config).to_dict()
-        explicit = _explicit_file_keys(args.config)
-        data.update({k: v for k, v in file_config.items() if k in explicit})
-    for f in _CONFIG_FLAGS:
-        value = getattr(args, f.name, None)
-        if value is not None:
-            data[f.name] = None if str(value).lower() == "none" else value
-    options = dict(data.get("task_options") or {})
-    for text in args.option or []:
-        key, value = _parse_option(text)
-        options[key] = value
+    overrides = {f.name: (None if str(value).lower() == "none" else value)
+                 for f in _CONFIG_FLAGS if (value := getattr(args, f.name, None)) is not None}
+    options = dict(_parse_option(text) for text in args.option or [])
     if args.data_dir:
         options["data_dir"] = args.data_dir
-    data["task_options"] = options
-    return LoopConfig.from_dict(data)
-
-
-def _explicit_file_keys(path: str) -> set[str]:
-    import yaml
-
-    with open(path) as handle:
-        return set(yaml.safe_load(handle) or {})
+    return resolve_config(project_name, config_file=args.config, overrides=overrides,
+                          options=options)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     loop = parser.add_argument_group("loop config (see README: loop config reference)")
     for f in _CONFIG_FLAGS:
+        default = GENERIC_DEFAULTS.get(f.name)
         loop.add_argument(_flag(f.name), dest=f.name, default=None, metavar="VALUE",
-                          help=f"default: {f.default if f.default is not None else 'none'}")
+                          help=f"default: the project's, else {'none' if default is None else default}")
     loop.add_argument("--option", action="append", metavar="KEY=VALUE",
                       help="task option, e.g. --option train_size=20 (repeatable)")
     loop.add_argument("--data-dir", help="directory with the task's data files")
@@ -86,21 +69,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runner import default_tracking_uri, run_loop
+    from .build import default_tracking_uri, run_loop
 
     config = build_config(args.project, args)
     tracking_uri = None if args.no_tracking else (args.tracking_uri or default_tracking_uri())
-    resume_run_id = None
-    if tracking_uri and not args.fresh and not os.environ.get("MLFLOW_RUN_ID"):
-        from .tracking import check_tracking_uri, find_resumable_run
-
-        check_tracking_uri(tracking_uri)
-        resume_run_id = find_resumable_run(tracking_uri, args.experiment, config.config_hash())
-        if resume_run_id:
-            print(f"[genopt] resuming unfinished run {resume_run_id} with the same config "
-                  "(--fresh starts a new run)", file=sys.stderr)
-    result = run_loop(config, tracking_uri=tracking_uri, run_name=args.run_name,
-                      resume_run_id=resume_run_id, handle_sigint=True, **_shared_options(args))
+    result = run_loop(config, tracking=tracking_uri, run_name=args.run_name,
+                      resume=None if args.fresh else "auto", handle_sigint=True,
+                      **_shared_options(args))
     return _report(result, tracking_uri, args.experiment)
 
 
@@ -115,10 +90,10 @@ def _shared_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from .runner import default_tracking_uri, resume_loop
+    from .build import default_tracking_uri, resume_loop
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
-    result = resume_loop(args.run_id, tracking_uri=tracking_uri, handle_sigint=True,
+    result = resume_loop(args.run_id, tracking=tracking_uri, handle_sigint=True,
                          **_shared_options(args))
     return _report(result, tracking_uri, args.experiment)
 
@@ -169,8 +144,7 @@ def build_study_config(project_name: str, args: argparse.Namespace):
     base = build_config(project_name, args)
     fixed = {f.name for f in _CONFIG_FLAGS if getattr(args, f.name, None) is not None}
     fixed |= {f"task_options.{_parse_option(text)[0]}" for text in args.option or []}
-    space = getattr(load_project(project_name), "search_space", {}) or {}
-    return study_config_from_args(base, space, args, fixed=fixed)
+    return study_config_from_args(base, load_project(project_name).search_space, args, fixed=fixed)
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,7 +156,7 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_study(args: argparse.Namespace) -> int:
     import logging
 
-    from .runner import default_tracking_uri
+    from .build import default_tracking_uri
     from .study import run_study
 
     config = build_study_config(args.project, args)

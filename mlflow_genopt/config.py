@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 ACCEPTANCE_RULES = ("always", "improve", "no_worse")
+EDIT_FORMATS = ("json", "tagged", "diff")
+SELECTIONS = ("current", "best", "pareto")
 
 
 class ConfigError(ValueError):
@@ -63,9 +65,72 @@ def _name(name: str, value: Any) -> str:
     return value.strip()
 
 
+class _Unset:
+    """The default of every :class:`LoopConfig` field: "not given", so that the project's own
+    default (or the generic one) fills it in."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "unset"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+
+# What a field is when neither the caller nor the project sets it. ``task_model`` and
+# ``task_temperature`` are resolved from the project (see ``LoopConfig``).
+GENERIC_DEFAULTS: dict[str, Any] = {
+    "task": "default",
+    "init": "default",
+    "trainable": None,
+    "steps": 5,
+    "batch_size": 3,
+    "credit_horizon": None,
+    "update_every": None,
+    "memory_size": 3,
+    "acceptance": "improve",
+    "acceptance_margin": 0.0,
+    "edit_format": "json",
+    "repair_attempts": 0,
+    "candidates_per_step": 1,
+    "selection": "current",
+    "revert_ratio": None,
+    "revert_patience": 5,
+    "target_score": None,
+    "optimizer_model": "smollm2",
+    "optimizer_temperature": 0.7,
+    "optimizer_max_tokens": 768,
+    "task_model": None,
+    "task_temperature": None,
+    "seed": 0,
+    "max_workers": 4,
+    "max_tokens": None,
+    "max_cost_usd": None,
+    "max_wall_time_s": None,
+    "task_options": {},
+}
+DEFAULT_TASK_MODEL = "smollm2"  # for projects whose tasks call an LLM
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     """Every design choice of one learning loop.
+
+    Defaults: a field that is not given takes the project's default (``Project.defaults`` of
+    the project registered as ``project``), else the generic default in
+    :data:`GENERIC_DEFAULTS`. So ``LoopConfig(project="atari")`` is the Atari study's setup,
+    and ``LoopConfig(project="atari", steps=3)`` changes only the number of steps. A field that
+    does not apply to the project is refused, never logged and ignored: ``credit_horizon`` and
+    ``update_every`` need a multi-step project (trials with traces), ``task_model`` and
+    ``task_temperature`` a project whose task calls an LLM (otherwise they are ``None``).
 
     Starting artifact
         ``init`` names the starting artifact a project offers (e.g. ``prompt_only``);
@@ -76,11 +141,21 @@ class LoopConfig:
     Credit horizon
         ``credit_horizon``: how many steps of each trial's trace the learning context shows
         (``None``: the whole trace). ``update_every``: environment steps between updates for
-        multi-step tasks (``None``: equal to ``credit_horizon``); single-step tasks ignore it.
+        multi-step tasks (``None``: equal to ``credit_horizon``); see :func:`env_steps`.
     Memory and acceptance
         ``memory_size`` past versions (with their scores and feedback) are shown to the optimizer;
-        ``acceptance`` decides whether a valid proposal replaces the current version: ``always``,
-        ``improve`` (its batch score must beat the current one), or ``no_worse`` (ties accepted).
+        ``acceptance`` decides whether the step's best candidate is adopted: ``always``,
+        ``improve`` (its batch score must exceed the improved version's by more than
+        ``acceptance_margin``; a tie is rejected) or ``no_worse`` (it may be lower by at most
+        ``acceptance_margin``; a tie is accepted).
+    How the optimizer answers and what it improves
+        ``edit_format``: ``json`` (complete values in one JSON object), ``tagged`` (complete
+        values in delimited blocks, no escaping) or ``diff`` (SEARCH/REPLACE edits of the
+        current values). ``repair_attempts``: how often an invalid answer is sent back with its
+        reason before the candidate counts as invalid. ``candidates_per_step``: candidates drawn
+        per step; each valid one is scored on the batch and the best goes through acceptance.
+        ``selection``: which adopted version a step improves: ``current`` (the latest), ``best``
+        (best validation score) or ``pareto`` (drawn from the per-example Pareto frontier).
     Recovery and stopping
         ``revert_ratio``: when the current version's validation score stays below
         ``revert_ratio * best`` for more than ``revert_patience`` consecutive steps, the loop
@@ -88,34 +163,48 @@ class LoopConfig:
         early once the best validation score reaches it.
     """
 
-    project: str = "bbeh"
-    task: str = "generated_boolean"
-    init: str = "prompt_only"
-    trainable: tuple[str, ...] | None = None
-    steps: int = 5
-    batch_size: int = 3
-    credit_horizon: int | None = None
-    update_every: int | None = None
-    memory_size: int = 3
-    acceptance: str = "improve"
-    revert_ratio: float | None = None
-    revert_patience: int = 5
-    target_score: float | None = None
-    optimizer_model: str = "smollm2"
-    optimizer_temperature: float = 0.7
-    optimizer_max_tokens: int = 768
-    task_model: str = "smollm2"
-    task_temperature: float = 0.0
-    seed: int = 0
-    max_workers: int = 4
-    max_tokens: int | None = None
-    max_cost_usd: float | None = None
-    max_wall_time_s: float | None = None
-    task_options: Mapping[str, Any] = field(default_factory=dict)
+    project: str = UNSET
+    task: str = UNSET
+    init: str = UNSET
+    trainable: tuple[str, ...] | None = UNSET
+    steps: int = UNSET
+    batch_size: int = UNSET
+    credit_horizon: int | None = UNSET
+    update_every: int | None = UNSET
+    memory_size: int = UNSET
+    acceptance: str = UNSET
+    acceptance_margin: float = UNSET
+    edit_format: str = UNSET
+    repair_attempts: int = UNSET
+    candidates_per_step: int = UNSET
+    selection: str = UNSET
+    revert_ratio: float | None = UNSET
+    revert_patience: int = UNSET
+    target_score: float | None = UNSET
+    optimizer_model: str = UNSET
+    optimizer_temperature: float = UNSET
+    optimizer_max_tokens: int = UNSET
+    task_model: str | None = UNSET
+    task_temperature: float | None = UNSET
+    seed: int = UNSET
+    max_workers: int = UNSET
+    max_tokens: int | None = UNSET
+    max_cost_usd: float | None = UNSET
+    max_wall_time_s: float | None = UNSET
+    task_options: Mapping[str, Any] = UNSET
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        if self.project is UNSET:
+            raise ConfigError("project: required (the registered project, e.g. bbeh; "
+                              "`genopt projects` lists them)")
         set_("project", _name("project", self.project))
+        info = _project_info(self.project)
+        defaults = {**GENERIC_DEFAULTS, **(dict(info.defaults) if info else {})}
+        given = {f.name for f in fields(self) if getattr(self, f.name) is not UNSET}
+        for f in fields(self):
+            if getattr(self, f.name) is UNSET:
+                set_(f.name, defaults.get(f.name))
         set_("task", _name("task", self.task))
         set_("init", _name("init", self.init))
         if _is_none(self.trainable):
@@ -135,14 +224,18 @@ class LoopConfig:
         set_("update_every", _int("update_every", self.update_every, 1, optional=True))
         set_("memory_size", _int("memory_size", self.memory_size, 0))
         set_("acceptance", _choice("acceptance", self.acceptance, ACCEPTANCE_RULES))
+        set_("acceptance_margin", _float("acceptance_margin", self.acceptance_margin, 0, 1e12))
+        set_("edit_format", _choice("edit_format", self.edit_format, EDIT_FORMATS))
+        set_("repair_attempts", _int("repair_attempts", self.repair_attempts, 0))
+        set_("candidates_per_step", _int("candidates_per_step", self.candidates_per_step, 1))
+        set_("selection", _choice("selection", self.selection, SELECTIONS))
         set_("revert_ratio", _float("revert_ratio", self.revert_ratio, 0, 1, optional=True))
         set_("revert_patience", _int("revert_patience", self.revert_patience, 0))
         set_("target_score", _float("target_score", self.target_score, -1e12, 1e12, optional=True))
         set_("optimizer_model", _name("optimizer_model", self.optimizer_model))
         set_("optimizer_temperature", _float("optimizer_temperature", self.optimizer_temperature, 0, 2))
         set_("optimizer_max_tokens", _int("optimizer_max_tokens", self.optimizer_max_tokens, 16))
-        set_("task_model", _name("task_model", self.task_model))
-        set_("task_temperature", _float("task_temperature", self.task_temperature, 0, 2))
+        self._resolve_task_model(info, given)
         set_("seed", _int("seed", self.seed, 0))
         set_("max_workers", _int("max_workers", self.max_workers, 1))
         set_("max_tokens", _int("max_tokens", self.max_tokens, 1, optional=True))
@@ -158,6 +251,38 @@ class LoopConfig:
                     f"task_options.{key}: must be a string, number, boolean or none, got {value!r}"
                 )
         set_("task_options", dict(sorted(self.task_options.items())))
+        if info is not None:
+            self._refuse_what_does_not_apply(info)
+
+    def _resolve_task_model(self, info: "ProjectInfo | None", given: set[str]) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        uses_llm = info.needs_task_llm if info is not None else not _is_none(self.task_model)
+        if info is not None and not info.needs_task_llm:
+            for name in ("task_model", "task_temperature"):
+                if name in given and not _is_none(getattr(self, name)):
+                    raise ConfigError(
+                        f"{name}: project {self.project} does not call a task LLM; leave it unset "
+                        f"(none), got {getattr(self, name)!r}")
+            set_("task_model", None)
+            set_("task_temperature", None)
+            return
+        if _is_none(self.task_model):
+            set_("task_model", DEFAULT_TASK_MODEL if uses_llm else None)
+        if self.task_model is None:
+            set_("task_temperature", None)
+            return
+        set_("task_model", _name("task_model", self.task_model))
+        temperature = 0.0 if _is_none(self.task_temperature) else self.task_temperature
+        set_("task_temperature", _float("task_temperature", temperature, 0, 2))
+
+    def _refuse_what_does_not_apply(self, info: "ProjectInfo") -> None:
+        if not info.multi_step:
+            for name in ("credit_horizon", "update_every"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{name}: applies to multi-step tasks (trials with traces); project "
+                        f"{self.project}'s trials are single-step, so it must be none, got "
+                        f"{getattr(self, name)!r}")
 
     # --- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -206,9 +331,10 @@ class LoopConfig:
         data["task_options"] = options
         return cls.from_dict(data)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "LoopConfig":
-        """Load a YAML or JSON file holding a mapping of config fields."""
+    @staticmethod
+    def file_fields(path: str | Path) -> dict[str, Any]:
+        """The fields a YAML or JSON config file names (only those: the layering in
+        :func:`mlflow_genopt.build.resolve_config` lets the others take their defaults)."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -225,7 +351,18 @@ class LoopConfig:
             raise ConfigError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: must hold a mapping of loop config fields")
-        return cls.from_dict(data)
+        known = {f.name for f in fields(LoopConfig)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ConfigError(f"{path}: {unknown[0]}: unknown loop config field; known fields: "
+                              f"{', '.join(sorted(known))}")
+        return dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "LoopConfig":
+        """Load a YAML or JSON file holding a mapping of config fields (the project's defaults
+        fill in the fields it does not name)."""
+        return cls.from_dict(cls.file_fields(path))
 
     def to_yaml(self) -> str:
         import yaml
@@ -236,6 +373,28 @@ class LoopConfig:
         """Hash of the design choices; equal configs give equal hashes."""
         blob = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    """What the config needs to know of a registered project (see :class:`~.project.Project`)."""
+
+    defaults: Mapping[str, Any]
+    multi_step: bool
+    needs_task_llm: bool
+
+
+def _project_info(name: str) -> ProjectInfo | None:
+    from .project import registered_project_info  # the registry imports this module
+
+    return registered_project_info(name)
+
+
+def env_steps(config: LoopConfig) -> int | None:
+    """Environment steps between two updates of a multi-step task: ``update_every``, else
+    ``credit_horizon``; ``None`` (both unset) means a whole episode. The loop hands it to tasks
+    in their :class:`~.task.EvalContext`."""
+    return config.update_every or config.credit_horizon
 
 
 def _parse_param(raw: str, type_name: str) -> Any:

@@ -1,14 +1,21 @@
-"""The learning loop: sample a batch, run trials, build the context, propose, validate,
-evaluate, accept or reject, checkpoint; at the end, score the selected version on test once.
+"""The learning loop: select a version, sample a batch, run trials, build the context, propose
+candidates, validate, evaluate, accept or reject, checkpoint; at the end, score the selected
+version on test once.
 
 Guarantees
 ----------
 * Seeded: with the same config, task and LLM answers, two runs sample the same batches, send
   byte-identical learning contexts and make the same decisions (so the response cache can
-  replay a whole loop with no LLM call).
-* Never adopts an invalid proposal: a proposal that does not parse, breaks a parameter's
-  constraints or changes nothing is counted (``invalid_total``), reported with its reason in the
-  step record, and the loop goes on with the current version.
+  replay a whole loop with no LLM call). A loop resumed from a checkpoint continues exactly as
+  the uninterrupted loop would: the checkpoint holds the RNG, the versions, the memory, the
+  evaluation history and the task's own state (``Task.state_dict``).
+* Never adopts an invalid proposal: an answer that does not parse, breaks a parameter's
+  constraints, was cut at the token limit, or equals a version the loop has already evaluated
+  is repaired (``repair_attempts``) or counted (``invalid_total``), reported with its reason in
+  the step record, and never evaluated.
+* Each step draws ``candidates_per_step`` candidates from the version ``selection`` picks; every
+  valid candidate is scored on the step's batch and logged as a version; the best of them goes
+  through ``acceptance``. Only adopted versions are validated.
 * Checkpoint selection: the selected version is the adopted version (the starting one
   included) with the highest validation score; ties keep the earlier version.
 * The test split is evaluated once, for the selected version only, after the last step (not
@@ -20,17 +27,16 @@ Guarantees
 from __future__ import annotations
 
 import random
-import tempfile
-import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from .artifact import ArtifactSpec, ArtifactVersion
 from .config import ConfigError, LoopConfig
+from .evaluation import EvalCache, Evaluator
 from .events import (
+    CandidateRecord,
     LoopCallback,
     LoopResult,
     LoopStart,
@@ -39,58 +45,17 @@ from .events import (
     VersionRecord,
     dispatch,
 )
-from .llm.base import LLMCall
-from .optimizer import MemoryEntry, Optimizer
+from .history import History
+from .context import MemoryEntry
+from .optimizer import Optimizer, Proposal
+from .selection import select_parent
+from .state import LoopState
 from .task import Example, ExportingTask, Task, Trial, mean_score, summarize
+from .usage import UsageMeter
 
-
-@dataclass
-class UsageMeter(LoopCallback):
-    """Thread-safe LLM usage counters: per step (reset by the loop) and for the whole loop."""
-
-    step: dict[str, float] = field(default_factory=dict)
-    total: dict[str, float] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    KEYS = ("prompt_tokens", "completion_tokens", "cost_usd", "llm_calls", "cached_calls",
-            "optimizer_latency_s", "llm_errors", "llm_retries")
-
-    def __post_init__(self) -> None:
-        self.step = dict.fromkeys(self.KEYS, 0.0)
-        self.total = dict.fromkeys(self.KEYS, 0.0)
-
-    def on_llm_call(self, call: LLMCall) -> None:
-        c = call.completion
-        delta = dict.fromkeys(self.KEYS, 0.0)
-        if c is None:
-            delta["llm_errors"] = 1
-        else:
-            delta["llm_calls"] = 1
-            delta["cached_calls"] = 1 if c.cached else 0
-            if not c.cached:
-                delta["prompt_tokens"] = c.prompt_tokens
-                delta["completion_tokens"] = c.completion_tokens
-                delta["cost_usd"] = c.cost_usd or 0.0
-            if call.purpose == "optimizer":
-                delta["optimizer_latency_s"] = (call.end_time_ns - call.start_time_ns) / 1e9
-        with self._lock:
-            for key, value in delta.items():
-                self.step[key] += value
-                self.total[key] += value
-
-    def count_retry(self, attempt: int, error: str, sleep_s: float) -> None:
-        """An LLM backend's ``on_retry`` hook: one failed attempt that will be retried."""
-        with self._lock:
-            self.step["llm_retries"] += 1
-            self.total["llm_retries"] += 1
-
-    def reset_step(self) -> None:
-        with self._lock:
-            self.step = dict.fromkeys(self.KEYS, 0.0)
-
-    def restore(self, total: dict[str, float]) -> None:
-        with self._lock:
-            self.total = {**dict.fromkeys(self.KEYS, 0.0), **total}
+# Seeds of the optimizer's calls: one per (step, candidate), spaced so that they never collide.
+_STEP_SEED_STRIDE = 100_003
+_CANDIDATE_SEED_STRIDE = 1_000_003
 
 
 def _digest(trials: Sequence[Trial], limit: int = 3) -> str:
@@ -98,11 +63,24 @@ def _digest(trials: Sequence[Trial], limit: int = 3) -> str:
     return " | ".join(t.feedback.strip().replace("\n", " ")[:200] for t in wrong[:limit])
 
 
+def accept(rule: str, candidate: float, current: float, margin: float = 0.0) -> bool:
+    """The acceptance rule: ``always``; ``improve``: the candidate's batch score must exceed the
+    current version's by more than ``margin`` (a tie is rejected); ``no_worse``: it may be lower
+    by at most ``margin`` (a tie is accepted)."""
+    if rule == "always":
+        return True
+    if rule == "improve":
+        return candidate > current + margin
+    return candidate >= current - margin  # no_worse
+
+
 class LearningLoop:
     """One learning loop over ``task`` with the design choices of ``config``.
 
-    ``optimizer`` wraps the optimizer LLM; ``usage`` (optional) is the meter that the LLM
-    wrappers report to, so that per-step token counts land in step records.
+    Built by :func:`mlflow_genopt.build.build_loop` (the one composition root); ``optimizer``
+    wraps the optimizer LLM; ``usage`` is the meter that the LLM wrappers report to;
+    ``eval_cache`` serves trials seen before; ``export_dir`` is where an exporting task writes
+    the selected version's deliverables (created by the caller, which owns it).
     """
 
     def __init__(
@@ -115,6 +93,8 @@ class LearningLoop:
         spec: ArtifactSpec | None = None,
         callbacks: Sequence[LoopCallback] = (),
         usage: UsageMeter | None = None,
+        eval_cache: EvalCache | None = None,
+        export_dir: str | Path | None = None,
     ) -> None:
         self.config = config
         self.task = task
@@ -133,26 +113,23 @@ class LearningLoop:
         self.initial = ArtifactVersion(values=values, step=0)
         self.callbacks = list(callbacks)
         self.usage = usage or UsageMeter()
+        self.eval_cache = eval_cache if eval_cache is not None else EvalCache()
+        self.export_dir = Path(export_dir) if export_dir is not None else None
         self.interrupted = False  # set (e.g. by a SIGINT handler) to stop after this step
         if self.usage not in self.callbacks:
             self.callbacks.insert(0, self.usage)
+        self._end_step = getattr(task, "end_step", None)
+        self._state_dict = getattr(task, "state_dict", None)
+        self._load_state_dict = getattr(task, "load_state_dict", None)
 
     def _emit(self, method: str, *args) -> None:
         dispatch(self.callbacks, method, *args)
 
-    def _evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]:
-        trials = self.task.evaluate(version, examples)
-        if len(trials) != len(examples):
-            raise RuntimeError(
-                f"task {self.task.name}: evaluate returned {len(trials)} trials for "
-                f"{len(examples)} examples"
-            )
-        return trials
-
-    def _validate(self, version: ArtifactVersion, val: Sequence[Example]):
+    def _validate(self, evaluate: Evaluator, version: ArtifactVersion, val: Sequence[Example],
+                  step: int) -> tuple[float, dict[str, float]]:
         if not val:
             return 0.0, {}
-        trials = self._evaluate(version, val)
+        trials = evaluate(version, val, "validation", step)
         return mean_score(trials), summarize(trials)
 
     def _budget_exhausted(self, started: float) -> str | None:
@@ -165,9 +142,10 @@ class LearningLoop:
             return "budget: max_wall_time_s"
         return None
 
-    def run(self, resume: "LoopState | None" = None) -> LoopResult:
+    def run(self, resume: LoopState | None = None) -> LoopResult:
         """Run the loop; with ``resume`` (a checkpoint from :attr:`StepRecord.checkpoint`),
-        continue after its step with the same RNG state, versions and memory."""
+        continue after its step with the same RNG state, versions, memory, history and task
+        state."""
         config = self.config
         started = time.monotonic()
         train = list(self.task.examples("train"))
@@ -179,17 +157,24 @@ class LearningLoop:
                                               self.spec, self.initial))
         if resume is None:
             rng = random.Random(config.seed)
-            value, metrics = self._validate(self.initial, val)
+            history = History()
+            evaluate = Evaluator(self.task, config, history, self.eval_cache)
+            self.usage.reset_step()
+            value, metrics = self._validate(evaluate, self.initial, val, 0)
             initial_record = VersionRecord(self.initial, "initial", None, value,
                                            val_metrics=metrics)
+            state = LoopState.start(self.initial, value, initial_record, rng, history)
+            state.initial_usage = dict(self.usage.step)
             self._emit("on_version", initial_record)
-            state = LoopState.start(self.initial, value, initial_record, rng)
         else:
             state = resume
             rng = random.Random()
             rng.setstate(state.rng_state())
             self.usage.restore(state.usage_total)
             started -= state.elapsed_s
+            evaluate = Evaluator(self.task, config, state.history, self.eval_cache)
+            if state.task_state is not None and callable(self._load_state_dict):
+                self._load_state_dict(state.task_state)
         memory: deque[MemoryEntry] = deque(state.memory, maxlen=max(config.memory_size, 1))
         steps: list[StepRecord] = []
         stop_reason = "completed"
@@ -200,7 +185,7 @@ class LearningLoop:
             if reason:
                 stop_reason = reason
                 break
-            record = self._step(step, state, memory, rng, train, val, started)
+            record = self._step(step, state, memory, rng, train, val, started, evaluate)
             steps.append(record)
             try:
                 self._emit("on_step", record)
@@ -217,13 +202,16 @@ class LearningLoop:
         best = state.best
         test_trials: list[Trial] = []
         export_dir = None
+        self.usage.reset_step()
         # an interrupted loop is resumed later, a pruned one is abandoned: neither is concluded
         if conclude and stop_reason not in ("interrupted", "pruned"):
             test = list(self.task.examples("test"))
-            test_trials = self._evaluate(best, test) if test else []
-            if isinstance(self.task, ExportingTask):
-                export_dir = tempfile.mkdtemp(prefix="genopt-export-")
-                self.task.export(best, Path(export_dir))
+            test_trials = evaluate(best, test, "test", state.step) if test else []
+            if isinstance(self.task, ExportingTask) and self.export_dir is not None:
+                self.export_dir.mkdir(parents=True, exist_ok=True)
+                self.task.export(best, self.export_dir)
+                export_dir = str(self.export_dir)
+        phase_usage = {"initial": dict(state.initial_usage), "test": dict(self.usage.step)}
         totals = dict(self.usage.total)
         totals.update(
             steps_run=state.step,
@@ -242,75 +230,96 @@ class LearningLoop:
             stop_reason=stop_reason,
             totals=totals,
             export_dir=export_dir,
+            phase_usage=phase_usage,
         )
         self._emit("on_loop_end", result)
         return result
 
-    def _step(self, step: int, state: "LoopState", memory: deque, rng: random.Random,
-              train: Sequence[Example], val: Sequence[Example], started: float) -> StepRecord:
+    # --- one step ---------------------------------------------------------------------------
+    def _step(self, step: int, state: LoopState, memory: deque, rng: random.Random,
+              train: Sequence[Example], val: Sequence[Example], started: float,
+              evaluate: Evaluator) -> StepRecord:
         """One optimization step; updates ``state`` and ``memory`` in place."""
         config = self.config
         step_start = time.monotonic()
         self.usage.reset_step()
-        current = state.current
+        evaluate.cache_hits = 0
+        parent = select_parent(config.selection, current=state.current, best=state.best,
+                               adopted=[v.version for v in state.adopted], history=state.history,
+                               rng=rng)
         batch = rng.sample(train, min(config.batch_size, len(train)))
         eval_time = 0.0
 
         t = time.monotonic()
-        trials = self._evaluate(current, batch)
+        trials = evaluate(parent, batch, "batch", step)
         eval_time += time.monotonic() - t
         batch_score = mean_score(trials)
 
-        context = self.optimizer.build_context(
-            self.task.objective, self.spec, current, trials,
-            list(memory) if config.memory_size else [],
-        )
-        proposal = self.optimizer.propose(
-            context, self.spec, current, seed=config.seed * 100_003 + step
-        )
+        seeds = [config.seed * _STEP_SEED_STRIDE + step + i * _CANDIDATE_SEED_STRIDE
+                 for i in range(config.candidates_per_step)]
+        known = {h: f"{v.version.version_id} ({v.status} at step {v.version.step})"
+                 for h, v in state.known().items()}
+        draft = self.optimizer.step(self.task.objective, self.spec, parent, trials,
+                                    list(memory) if config.memory_size else [], seeds=seeds,
+                                    known=known)
+        context, proposals = draft.context, draft.proposals
 
-        candidate: ArtifactVersion | None = None
-        candidate_trials: list[Trial] = []
-        candidate_batch: float | None = None
+        candidates: list[CandidateRecord] = []
+        scored: list[tuple[float, int, ArtifactVersion, list[Trial]]] = []
+        t = time.monotonic()
+        for index, proposal in enumerate(proposals):
+            if not proposal.valid:
+                state.invalid_total += 1
+                candidates.append(_candidate_record(index, proposal))
+                memory.append(MemoryEntry(
+                    f"(invalid proposal at step {step})", step, "invalid", None, None, {}, "",
+                    note=f"Rejected without evaluation: {proposal.invalid_reason}",
+                ))
+                continue
+            candidate = parent.child(proposal.values, step)
+            candidate_trials = evaluate(candidate, batch, "candidate", step, parent=parent)
+            score = mean_score(candidate_trials)
+            scored.append((score, index, candidate, candidate_trials))
+            candidates.append(_candidate_record(index, proposal, candidate, score, candidate_trials))
+        eval_time += time.monotonic() - t
+
+        chosen = max(scored, key=lambda item: (item[0], -item[1])) if scored else None
+        accepted = chosen is not None and accept(config.acceptance, chosen[0], batch_score,
+                                                 config.acceptance_margin)
         val_score: float | None = None
         val_metrics: dict[str, float] = {}
-        note = ""
-        accepted = False
-        if not proposal.valid:
-            state.invalid_total += 1
-            memory.append(MemoryEntry(
-                f"(invalid proposal at step {step})", step, "invalid", None, None, {}, "",
-                note=f"Rejected without evaluation: {proposal.invalid_reason}",
-            ))
-        else:
-            candidate = current.child(proposal.values, step)
+        if accepted:
             t = time.monotonic()
-            candidate_trials = self._evaluate(candidate, batch)
-            candidate_batch = mean_score(candidate_trials)
-            accepted = _accept(config.acceptance, candidate_batch, batch_score)
-            if accepted:
-                if val:
-                    val_score, val_metrics = self._validate(candidate, val)
-                else:
-                    val_score = candidate_batch
+            if val:
+                val_score, val_metrics = self._validate(evaluate, chosen[2], val, step)
+            else:
+                val_score = chosen[0]
             eval_time += time.monotonic() - t
-            record = VersionRecord(candidate, "accepted" if accepted else "rejected",
-                                   candidate_batch, val_score, proposal.reasoning,
-                                   val_metrics=val_metrics)
+        for score, index, candidate, candidate_trials in scored:
+            adopted = accepted and candidate is chosen[2]
+            proposal = proposals[index]
+            record = VersionRecord(candidate, "accepted" if adopted else "rejected", score,
+                                   val_score if adopted else None, proposal.reasoning,
+                                   val_metrics=val_metrics if adopted else {}, candidate=index)
             state.versions.append(record)
             self._emit("on_version", record)
+            if adopted:
+                note = ""
+            elif chosen is not None and candidate is chosen[2]:
+                note = f"Rejected: batch score {score:.4g} vs {batch_score:.4g} of {parent.version_id}."
+            else:
+                note = (f"Rejected: batch score {score:.4g}; a sibling scored "
+                        f"{chosen[0]:.4g} on the same batch.")
             memory.append(MemoryEntry(
-                candidate.version_id, step, record.status, candidate_batch, val_score,
-                {} if accepted else dict(proposal.values),
-                _digest(candidate_trials),
-                note="" if accepted else f"Rejected: batch score {candidate_batch:.4g} vs "
-                                         f"{batch_score:.4g} of {current.version_id}.",
+                candidate.version_id, step, record.status, score, record.val_score,
+                {} if adopted else dict(proposal.values), _digest(candidate_trials), note=note,
             ))
-            if accepted:
-                state.current, state.current_val = candidate, val_score
-                if val_score > state.best_val:
-                    state.best, state.best_val = candidate, val_score
+        if accepted:
+            state.current, state.current_val = chosen[2], val_score
+            if val_score > state.best_val:
+                state.best, state.best_val = chosen[2], val_score
 
+        note = ""
         if config.revert_ratio is not None:
             threshold = state.best_val - (1 - config.revert_ratio) * abs(state.best_val)
             below = state.current is not state.best and state.current_val < threshold
@@ -321,26 +330,30 @@ class LearningLoop:
                 state.current, state.current_val = state.best, state.best_val
                 state.steps_below_best = 0
 
+        if callable(self._end_step):  # the environment steps between updates are over
+            self._end_step(step, parent, trials)
+        state.task_state = self._state_dict() if callable(self._state_dict) else None
         state.step = step
         state.memory = list(memory)
         state.set_rng(rng)
         state.usage_total = dict(self.usage.total)
         state.elapsed_s = time.monotonic() - started
+        shown = _shown_candidate(candidates, chosen)
         usage = self.usage.step
         return StepRecord(
             step=step,
             batch_ids=tuple(e.id for e in batch),
-            current_id=current.version_id,
+            current_id=parent.version_id,
             batch_score=batch_score,
             trials=tuple(trials),
             context=tuple(context),
-            raw_response=proposal.raw,
-            proposal=dict(proposal.values) if proposal.values is not None else None,
-            reasoning=proposal.reasoning,
-            invalid_reason=proposal.invalid_reason,
-            candidate_id=candidate.version_id if candidate is not None else None,
-            candidate_batch_score=candidate_batch,
-            candidate_trials=tuple(candidate_trials),
+            raw_response=shown.attempts[-1].raw if shown.attempts else "",
+            proposal=dict(shown.proposal) if shown.proposal is not None else None,
+            reasoning=shown.reasoning,
+            invalid_reason=shown.invalid_reason,
+            candidate_id=shown.version_id,
+            candidate_batch_score=shown.batch_score,
+            candidate_trials=shown.trials,
             val_score=val_score,
             accepted=accepted,
             best_id=state.best.version_id,
@@ -353,89 +366,36 @@ class LearningLoop:
             llm_calls=int(usage["llm_calls"]),
             cached_calls=int(usage["cached_calls"]),
             llm_retries=int(usage["llm_retries"]),
+            llm_errors=int(usage["llm_errors"]),
+            cached_tokens=int(usage["cached_tokens"]),
             eval_time_s=eval_time,
             wall_time_s=time.monotonic() - step_start,
             val_metrics=val_metrics,
             note=note,
             checkpoint=state.to_dict(),
+            candidates=tuple(candidates),
+            selection=config.selection,
+            cache_hits=evaluate.cache_hits,
+            shrink_level=draft.level,
         )
 
 
-@dataclass
-class LoopState:
-    """Everything the loop needs to continue after ``step``: a checkpoint, JSON-serializable
-    through :meth:`to_dict` / :meth:`from_dict`."""
-
-    step: int
-    current: ArtifactVersion
-    current_val: float
-    best: ArtifactVersion
-    best_val: float
-    versions: list[VersionRecord]
-    memory: list[MemoryEntry]
-    rng: list
-    invalid_total: int = 0
-    steps_below_best: int = 0
-    usage_total: dict[str, float] = field(default_factory=dict)
-    elapsed_s: float = 0.0
-
-    @classmethod
-    def start(cls, initial: ArtifactVersion, value: float, record: VersionRecord,
-              rng: random.Random) -> "LoopState":
-        state = cls(0, initial, value, initial, value, [record], [], [])
-        state.set_rng(rng)
-        return state
-
-    def set_rng(self, rng: random.Random) -> None:
-        version, internal, gauss = rng.getstate()
-        self.rng = [version, list(internal), gauss]
-
-    def rng_state(self) -> tuple:
-        version, internal, gauss = self.rng
-        return (version, tuple(internal), gauss)
-
-    def to_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "current": self.current.to_dict(), "current_val": self.current_val,
-            "best": self.best.to_dict(), "best_val": self.best_val,
-            "versions": [v.to_dict() for v in self.versions],
-            "memory": [asdict(m) for m in self.memory],
-            "rng": self.rng,
-            "invalid_total": self.invalid_total,
-            "steps_below_best": self.steps_below_best,
-            "usage_total": dict(self.usage_total),
-            "elapsed_s": self.elapsed_s,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LoopState":
-        versions = [
-            VersionRecord(ArtifactVersion.from_dict(v), v["status"], v["batch_score"],
-                          v["val_score"], v.get("reasoning", ""), v.get("val_metrics", {}))
-            for v in data["versions"]
-        ]
-        by_id = {v.version.version_id: v.version for v in versions}
-        current = ArtifactVersion.from_dict(data["current"])
-        best = ArtifactVersion.from_dict(data["best"])
-        return cls(
-            step=data["step"],
-            # identity matters (``current is not best``): share the objects with ``versions``
-            current=by_id.get(current.version_id, current), current_val=data["current_val"],
-            best=by_id.get(best.version_id, best), best_val=data["best_val"],
-            versions=versions,
-            memory=[MemoryEntry(**m) for m in data["memory"]],
-            rng=data["rng"],
-            invalid_total=data["invalid_total"],
-            steps_below_best=data["steps_below_best"],
-            usage_total=data["usage_total"],
-            elapsed_s=data["elapsed_s"],
-        )
+def _candidate_record(index: int, proposal: Proposal, version: ArtifactVersion | None = None,
+                      score: float | None = None, trials: Sequence[Trial] = ()) -> CandidateRecord:
+    return CandidateRecord(
+        index=index, attempts=tuple(proposal.attempts),
+        proposal=dict(proposal.values) if proposal.values is not None else None,
+        reasoning=proposal.reasoning, invalid_reason=proposal.invalid_reason,
+        version_id=version.version_id if version is not None else None,
+        batch_score=score, trials=tuple(trials), repairs=tuple(proposal.repairs),
+    )
 
 
-def _accept(rule: str, candidate: float, current: float) -> bool:
-    if rule == "always":
-        return True
-    if rule == "improve":
-        return candidate > current
-    return candidate >= current  # no_worse
+def _shown_candidate(candidates: list[CandidateRecord], chosen) -> CandidateRecord:
+    """The candidate a step record summarises: the chosen one, else the first."""
+    if chosen is not None:
+        return next(c for c in candidates if c.index == chosen[1])
+    return candidates[0]
+
+
+__all__ = ["LearningLoop", "LoopState", "UsageMeter", "accept"]

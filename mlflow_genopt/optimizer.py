@@ -1,105 +1,71 @@
-"""The optimizer: builds the learning context, asks the LLM, and validates what comes back.
+"""The optimizer: builds the learning context, asks the LLM for candidates, repairs and checks
+what comes back.
 
-The learning context is the exact list of chat messages sent for one update. It holds the
-objective, every trainable parameter (description, constraints, current value), the frozen
-parameters for reference, a memory of recent versions with their scores and feedback, and the
-batch of trials (input, output, score, feedback, and each trace truncated to the credit
-horizon). The answer must be a JSON object; anything that does not parse, breaks a constraint
-or changes nothing is an :class:`InvalidProposal`, never a new version.
+One update (:meth:`Optimizer.step`) draws ``candidates`` answers from the same context with
+distinct seeds (concurrently: backends that can run calls in parallel do). Each answer is
+parsed in the loop's edit format (:mod:`mlflow_genopt.formats`) and checked
+(:mod:`mlflow_genopt.proposals`); an answer that cannot be adopted -- it does not parse, breaks a
+constraint, was cut at the token limit, changes nothing, or equals a version the loop already
+evaluated (or an earlier sibling) -- goes back to the optimizer as a follow-up message with the
+one-line reason and the offending lines, up to ``repair_attempts`` times. Every attempt is kept
+(:class:`~mlflow_genopt.events.Attempt`). A context that does not fit the model's window is
+rebuilt smaller (:data:`mlflow_genopt.context.SHRINK_LEVELS`) before the step is given up.
+Nothing here runs or scores a candidate: that is the loop's job.
 """
 
 from __future__ import annotations
 
-import ast
-import json
-import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from .artifact import ArtifactSpec, ArtifactVersion, Parameter
+from .artifact import ArtifactSpec, ArtifactVersion, content_hash
+from .config import LoopConfig
+from .context import SHRINK_LEVELS, MemoryEntry, build_context, truncate_trace
+from .events import Attempt
+from .formats import EditFormat, SCHEMA_MAX_LENGTH, make_format, proposal_schema
 from .llm.base import LLM, Completion, PromptTooLong
-from .task import Trial, TraceStep
+from .proposals import InvalidProposal, strip_fences, validate_value
+from .task import Trial
 
-REASONING_CHARS = 600
-# llama.cpp compiles maxLength into one grammar rule per character and refuses grammars with
-# "too many rules" somewhere above ~1000, so longer limits are validated but not put in the schema.
-SCHEMA_MAX_LENGTH = 1000
-
-SYSTEM_PROMPT = (
-    "You are an optimizer. You improve the trainable parameters of a system (code or prompts) "
-    "from execution feedback. Read the objective, the current parameters and the feedback on a "
-    "batch of trials, diagnose what went wrong, then propose new values. Answer with one JSON "
-    "object only: a short `reasoning` string, then one string per trainable parameter holding "
-    "its complete new value."
-)
-
-
-class InvalidProposal(ValueError):
-    """The optimizer's answer cannot be adopted; the message is the one-line reason."""
-
-
-@dataclass(frozen=True)
-class MemoryEntry:
-    """A past version as the optimizer remembers it."""
-
-    version_id: str
-    step: int
-    status: str  # accepted, rejected, invalid, initial
-    batch_score: float | None
-    val_score: float | None
-    changed: Mapping[str, str]  # parameter values that differ from the then-current version
-    feedback: str  # a short digest of the trials' feedback
-    note: str = ""
+_REPAIR_ECHO_CHARS = 1500  # how much of a failed answer a repair request quotes back
 
 
 @dataclass(frozen=True)
 class Proposal:
+    """One candidate's outcome: the adopted answer's values, or why every attempt failed.
+
+    ``attempts`` holds every answer (the first and each repair) with its reason; ``repairs``
+    lists automatic fixes applied to the adopted values."""
+
     raw: str
     values: Mapping[str, str] | None
     reasoning: str
     invalid_reason: str | None
     completion: Completion
+    attempts: tuple[Attempt, ...] = ()
+    repairs: tuple[str, ...] = ()
 
     @property
     def valid(self) -> bool:
         return self.invalid_reason is None
 
 
-def proposal_schema(spec: ArtifactSpec) -> dict[str, Any]:
-    """JSON schema of an answer: ``reasoning`` plus one string per trainable parameter."""
-    properties: dict[str, Any] = {"reasoning": {"type": "string", "maxLength": REASONING_CHARS}}
-    for parameter in spec.trainable:
-        properties[parameter.name] = {"type": "string", "minLength": 1}
-        if parameter.length_limit <= SCHEMA_MAX_LENGTH:
-            properties[parameter.name]["maxLength"] = parameter.length_limit
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": ["reasoning", *[p.name for p in spec.trainable]],
-        "additionalProperties": False,
-    }
+@dataclass(frozen=True)
+class Draft:
+    """What one update produced: the context actually sent (after any shrinking), its shrink
+    level, and one proposal per candidate."""
 
-
-def truncate_trace(trace: Sequence[TraceStep], horizon: int | None) -> tuple[TraceStep, ...]:
-    """The last ``horizon`` steps of a trace (all of it when ``horizon`` is None): the steps
-    closest to the update are the ones whose credit the optimizer can assign."""
-    if horizon is None or len(trace) <= horizon:
-        return tuple(trace)
-    return tuple(trace[-horizon:])
-
-
-def _clip(text: Any, limit: int) -> str:
-    text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False, default=str)
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f"... [{len(text) - limit} more characters]"
+    context: tuple[Mapping[str, str], ...]
+    level: int
+    proposals: tuple[Proposal, ...]
 
 
 class Optimizer:
-    """Turns trials into a learning context and a validated proposal.
+    """Turns trials into a learning context and validated candidate proposals.
 
-    ``credit_horizon`` truncates every trial's trace; ``max_field_chars`` caps each input,
-    output and feedback text so that one long trial cannot crowd the context.
+    ``credit_horizon`` truncates every trial's trace; ``edit_format`` is how answers are
+    written; ``repair_attempts`` how often an unusable answer is sent back with its reason.
     """
 
     def __init__(
@@ -109,205 +75,144 @@ class Optimizer:
         temperature: float = 0.7,
         max_tokens: int = 768,
         credit_horizon: int | None = None,
-        max_field_chars: int = 1200,
+        edit_format: str | EditFormat = "json",
+        repair_attempts: int = 0,
     ) -> None:
         self.llm = llm
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.credit_horizon = credit_horizon
-        self.max_field_chars = max_field_chars
+        self.format = make_format(edit_format) if isinstance(edit_format, str) else edit_format
+        self.repair_attempts = repair_attempts
+
+    @classmethod
+    def from_config(cls, config: LoopConfig, llm: LLM) -> "Optimizer":
+        """The optimizer a loop with ``config`` uses: every optimizer field of the config, and
+        nothing else, decides how it builds contexts and reads answers."""
+        return cls(llm, temperature=config.optimizer_temperature,
+                   max_tokens=config.optimizer_max_tokens, credit_horizon=config.credit_horizon,
+                   edit_format=config.edit_format, repair_attempts=config.repair_attempts)
 
     # --- context ----------------------------------------------------------------------------
-    def build_context(
-        self,
-        objective: str,
-        spec: ArtifactSpec,
-        current: ArtifactVersion,
-        trials: Sequence[Trial],
-        memory: Sequence[MemoryEntry] = (),
-    ) -> list[dict[str, str]]:
-        clip = self.max_field_chars
-        parts = [f"# Objective\n{objective.strip()}"]
-        parts.append("# Trainable parameters")
-        for p in spec.trainable:
-            parts.append(
-                f"## {p.name} ({p.kind})\nDescription: {p.description}\n"
-                f"Constraints: {p.constraints()}\nCurrent value:\n{current.values[p.name]}"
-            )
-        frozen = [p for p in spec.parameters if not p.trainable]
-        if frozen:
-            parts.append("# Frozen parameters (for reference; do not change)")
-            for p in frozen:
-                parts.append(f"## {p.name} ({p.kind})\n{p.description}\n{current.values[p.name]}")
-        if memory:
-            parts.append(f"# Recent versions (oldest first; current is {current.version_id})")
-            for entry in memory:
-                scores = f"batch score {_fmt(entry.batch_score)}, val score {_fmt(entry.val_score)}"
-                lines = [f"## {entry.version_id} (step {entry.step}, {entry.status}; {scores})"]
-                if entry.note:
-                    lines.append(entry.note)
-                for name, value in entry.changed.items():
-                    lines.append(f"{name} was:\n{_clip(value, clip)}")
-                if entry.feedback:
-                    lines.append(f"Feedback: {_clip(entry.feedback, clip)}")
-                parts.append("\n".join(lines))
-        parts.append(f"# Batch of {len(trials)} trial(s) with the current version")
-        for i, trial in enumerate(trials, 1):
-            lines = [
-                f"## Trial {i}",
-                f"Input: {_clip(trial.input, clip)}",
-                f"Output: {_clip(trial.output, clip)}",
-                f"Score: {_fmt(trial.score)}",
-                f"Feedback: {_clip(trial.feedback, clip)}",
-            ]
-            if trial.trace:
-                shown = truncate_trace(trial.trace, self.credit_horizon)
-                lines.append(
-                    f"Trace (last {len(shown)} of {len(trial.trace)} steps: observation -> action, reward):"
-                )
-                for step in shown:
-                    lines.append(
-                        f"- {_clip(step.observation, 300)} -> {_clip(step.action, 80)}, {step.reward:g}"
-                    )
-            parts.append("\n".join(lines))
-        names = ", ".join(f'"{p.name}"' for p in spec.trainable)
-        parts.append(
-            "# Your answer\nReturn a JSON object with keys \"reasoning\" and "
-            f"{names}. Each parameter value is the complete new text (not a diff)."
-        )
-        return [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": "\n\n".join(parts)},
-        ]
+    def build_context(self, objective: str, spec: ArtifactSpec, current: ArtifactVersion,
+                      trials: Sequence[Trial], memory: Sequence[MemoryEntry] = (),
+                      level: int = 0) -> list[dict[str, str]]:
+        return build_context(objective, spec, current, trials, memory, self.format,
+                             credit_horizon=self.credit_horizon, level=level)
 
-    # --- proposal ---------------------------------------------------------------------------
-    def propose(
-        self,
-        context: Sequence[Mapping[str, str]],
-        spec: ArtifactSpec,
-        current: ArtifactVersion,
-        *,
-        seed: int | None = None,
-    ) -> Proposal:
-        try:
-            completion = self.llm.complete(
-                context,
-                json_schema=proposal_schema(spec),
-                temperature=self.temperature,
-                max_tokens=self.max_tokens,
-                seed=seed,
-            )
-        except PromptTooLong as exc:
-            empty = Completion(text="", model=getattr(self.llm, "model", "?"))
-            return Proposal("", None, "", f"learning context too long for the optimizer: {exc}",
-                            empty)
-        raw = completion.text
-        try:
-            values, reasoning = parse_proposal(raw, spec, current)
-        except InvalidProposal as exc:
-            return Proposal(raw, None, "", str(exc), completion)
-        return Proposal(raw, values, reasoning, None, completion)
+    # --- one update -------------------------------------------------------------------------
+    def step(self, objective: str, spec: ArtifactSpec, current: ArtifactVersion,
+             trials: Sequence[Trial], memory: Sequence[MemoryEntry], *, seeds: Sequence[int],
+             known: Mapping[str, str] = {}) -> Draft:
+        """One update: the context (shrunk as needed) and one proposal per seed. ``known`` maps
+        the content hash of every version the loop has evaluated to a description."""
+        for level in range(len(SHRINK_LEVELS)):
+            context = self.build_context(objective, spec, current, trials, memory, level)
+            proposals = self.propose_candidates(context, spec, current, seeds=seeds, known=known)
+            too_long = all(p.attempts and p.attempts[0].raw == "" and p.invalid_reason
+                           and p.invalid_reason.startswith("learning context too long")
+                           for p in proposals)
+            if not too_long:
+                break
+        return Draft(tuple(context), level, tuple(proposals))
 
+    def propose_candidates(self, context: Sequence[Mapping[str, str]], spec: ArtifactSpec,
+                           current: ArtifactVersion, *, seeds: Sequence[int],
+                           known: Mapping[str, str] = {}) -> list[Proposal]:
+        """One proposal per seed, each repaired up to ``repair_attempts`` times. Rounds run the
+        candidates' calls concurrently and check the answers in candidate order, so the result
+        does not depend on which call finished first."""
+        seen = dict(known)
+        attempts: list[list[Attempt]] = [[] for _ in seeds]
+        followups: list[list[dict[str, str]]] = [[] for _ in seeds]
+        done: list[Proposal | None] = [None] * len(seeds)
+        for round_ in range(self.repair_attempts + 1):
+            pending = [i for i, p in enumerate(done) if p is None]
+            if not pending:
+                break
+            answers = self._call_all([list(context) + followups[i] for i in pending],
+                                     [seeds[i] + 7 * round_ for i in pending], spec)
+            for i, (completion, error) in zip(pending, answers):
+                seed = seeds[i] + 7 * round_
+                if error is not None:  # the context does not fit: no repair can help
+                    attempts[i].append(Attempt("", error, tuple(followups[i]), None, seed))
+                    done[i] = Proposal("", None, "", error, _empty(self.llm), tuple(attempts[i]))
+                    continue
+                raw = completion.text
+                try:
+                    values, reasoning, repairs = self._check(raw, completion, spec, current, seen)
+                except InvalidProposal as exc:
+                    attempts[i].append(Attempt(raw, str(exc), tuple(followups[i]),
+                                               completion.finish_reason, seed))
+                    if round_ == self.repair_attempts:
+                        done[i] = Proposal(raw, None, "", str(exc), completion, tuple(attempts[i]))
+                    else:
+                        followups[i] = followups[i] + self._repair_messages(raw, exc)
+                    continue
+                attempts[i].append(Attempt(raw, None, tuple(followups[i]), completion.finish_reason, seed))
+                seen[content_hash({**current.values, **values})] = f"candidate {i} of this step"
+                done[i] = Proposal(raw, values, reasoning, None, completion, tuple(attempts[i]), repairs)
+        return [p for p in done if p is not None]
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
+    def propose(self, context: Sequence[Mapping[str, str]], spec: ArtifactSpec,
+                current: ArtifactVersion, *, seed: int | None = None) -> Proposal:
+        """One candidate (with repairs)."""
+        return self.propose_candidates(context, spec, current, seeds=[seed or 0])[0]
 
+    # --- internals ----------------------------------------------------------------------------
+    def _call_all(self, requests: list[list[dict[str, str]]], seeds: list[int], spec: ArtifactSpec):
+        kwargs = self.format.request(spec)  # json_schema or grammar
 
-_FENCE = re.compile(r"^\s*```[\w+-]*[ \t]*\n?(.*?)\n?```\s*$", re.DOTALL)
+        def call(messages, seed):
+            try:
+                return self.llm.complete(messages, temperature=self.temperature,
+                                         max_tokens=self.max_tokens, seed=seed, **kwargs), None
+            except PromptTooLong as exc:
+                return None, f"learning context too long for the optimizer: {exc}"
 
+        if len(requests) == 1:
+            return [call(requests[0], seeds[0])]
+        with ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="genopt-candidate") as pool:
+            return list(pool.map(call, requests, seeds))
 
-def strip_fences(text: str) -> str:
-    """Remove one markdown code fence around ``text`` (```python ... ```), if present."""
-    match = _FENCE.match(text)
-    return match.group(1) if match else text
+    def _check(self, raw: str, completion: Completion, spec: ArtifactSpec,
+               current: ArtifactVersion, seen: Mapping[str, str]):
+        answer = self.format.parse(raw, spec, current)
+        if completion.finish_reason == "length":
+            raise InvalidProposal(f"answer was cut at the token limit ({self.max_tokens} tokens) "
+                                  "before it was complete; write a shorter answer")
+        changed: dict[str, str] = {}
+        repairs: list[str] = []
+        for parameter in spec.trainable:
+            if parameter.name not in answer.values:
+                continue
+            value, fixed = validate_value(parameter, answer.values[parameter.name])
+            repairs.extend(fixed)
+            if value != current.values[parameter.name]:
+                changed[parameter.name] = value
+        if not changed:
+            if not answer.values:
+                raise InvalidProposal("answer has none of the trainable parameters "
+                                      + ", ".join(p.name for p in spec.trainable))
+            raise InvalidProposal(f"proposal is identical to the current version {current.version_id}")
+        digest = content_hash({**current.values, **changed})
+        if digest in seen:
+            raise InvalidProposal(f"proposal is identical to {seen[digest]}, which was already "
+                                  "evaluated; propose a different change")
+        return changed, answer.reasoning, tuple(repairs)
 
-
-def _load_json_object(raw: str) -> dict[str, Any]:
-    text = strip_fences(raw.strip())
-    try:
-        data = json.loads(text, strict=False)  # small models emit raw control chars in strings
-    except RecursionError:
-        raise InvalidProposal("answer is not usable JSON (nested too deeply)") from None
-    except json.JSONDecodeError as first_error:
-        start, end = text.find("{"), text.rfind("}")
-        if start == -1 or end <= start:
-            raise InvalidProposal(f"answer is not JSON ({first_error.msg} at char {first_error.pos})")
-        try:
-            data = json.loads(text[start : end + 1], strict=False)
-        except RecursionError:
-            raise InvalidProposal("answer is not usable JSON (nested too deeply)") from None
-        except json.JSONDecodeError as exc:
-            raise InvalidProposal(f"answer is not JSON ({exc.msg} at char {exc.pos})") from None
-    if not isinstance(data, dict):
-        raise InvalidProposal(f"answer is JSON {type(data).__name__}, expected an object")
-    return data
+    def _repair_messages(self, raw: str, error: InvalidProposal) -> list[dict[str, str]]:
+        shown = raw if len(raw) <= _REPAIR_ECHO_CHARS else raw[:_REPAIR_ECHO_CHARS] + "\n[...]"
+        text = f"Your answer could not be used: {error}."
+        if error.detail:
+            text += f"\n{error.detail}"
+        text += "\n" + self.format.repair_hint()
+        return [{"role": "assistant", "content": shown}, {"role": "user", "content": text}]
 
 
-def validate_value(parameter: Parameter, value: Any) -> str:
-    """The cleaned value of one parameter, or :class:`InvalidProposal` naming what is wrong."""
-    if not isinstance(value, str):
-        raise InvalidProposal(f"{parameter.name}: expected a string, got {type(value).__name__}")
-    value = strip_fences(value).strip("\n")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate, from a "\udc80" escape in the JSON
-        raise InvalidProposal(
-            f"{parameter.name}: not valid Unicode text (lone surrogate at character {exc.start})"
-        ) from None
-    if not value.strip():
-        raise InvalidProposal(f"{parameter.name}: empty value")
-    if len(value) > parameter.length_limit:
-        raise InvalidProposal(
-            f"{parameter.name}: {len(value)} characters, limit {parameter.length_limit}")
-    if parameter.kind == "code":
-        try:
-            tree = ast.parse(value)
-        except SyntaxError as exc:
-            raise InvalidProposal(
-                f"{parameter.name}: SyntaxError at line {exc.lineno}: {exc.msg}"
-            ) from None
-        except ValueError as exc:  # e.g. null bytes
-            raise InvalidProposal(f"{parameter.name}: not valid Python source ({exc})") from None
-        defined = {
-            node.name
-            for node in tree.body
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-        }
-        if parameter.expected_function not in defined:
-            raise InvalidProposal(
-                f"{parameter.name}: does not define function `{parameter.expected_function}`"
-            )
-    else:
-        missing = [ph for ph in parameter.placeholders if ph not in value]
-        if missing:
-            raise InvalidProposal(f"{parameter.name}: missing placeholder(s) {', '.join(missing)}")
-    return value
+def _empty(llm: LLM) -> Completion:
+    return Completion(text="", model=getattr(llm, "model", "?"))
 
 
-def parse_proposal(
-    raw: str, spec: ArtifactSpec, current: ArtifactVersion
-) -> tuple[dict[str, str], str]:
-    """Parse and validate an answer. Returns (changed trainable values, reasoning).
-
-    Keys for frozen or unknown parameters are ignored; a missing trainable key keeps its current
-    value; an answer that changes nothing is invalid (it would only re-evaluate the same version).
-    """
-    data = _load_json_object(raw)
-    reasoning = data.get("reasoning", "")
-    reasoning = reasoning if isinstance(reasoning, str) else json.dumps(reasoning, default=str)
-    changed: dict[str, str] = {}
-    for parameter in spec.trainable:
-        if parameter.name not in data:
-            continue
-        value = validate_value(parameter, data[parameter.name])
-        if value != current.values[parameter.name]:
-            changed[parameter.name] = value
-    if not changed:
-        present = [p.name for p in spec.trainable if p.name in data]
-        if not present:
-            raise InvalidProposal(
-                "answer has none of the trainable parameters "
-                + ", ".join(p.name for p in spec.trainable)
-            )
-        raise InvalidProposal("proposal is identical to the current version")
-    return changed, reasoning.strip()
+__all__ = ["Draft", "InvalidProposal", "MemoryEntry", "Optimizer", "Proposal", "SCHEMA_MAX_LENGTH",
+           "proposal_schema", "strip_fences", "truncate_trace", "validate_value"]

@@ -2,8 +2,10 @@
 
 A task is the single integration point between a user's system and the learning loop (like
 GEPA's adapter or Gymnasium's ``Env``). It is four things: a name and an objective, the
-example splits, an ``evaluate`` method, and ``close``. Everything the loop knows about a
-case study passes through this interface.
+example splits, an ``evaluate`` method, and ``close``; a few optional hooks let multi-step and
+stateful tasks keep what matters across steps and across resume. Everything the loop knows
+about a case study passes through this interface; :func:`mlflow_genopt.checker.check_task`
+runs any task through its contract.
 """
 
 from __future__ import annotations
@@ -15,6 +17,31 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 from .artifact import ArtifactSpec, ArtifactVersion
 
 SPLITS = ("train", "val", "test")
+# Why the loop evaluates a version (EvalContext.phase): the step's batch with the version the
+# step improves, a proposed candidate on the same batch, the validation split (a version that
+# was adopted, or the starting one), the test split (the selected version, once).
+PHASES = ("batch", "candidate", "validation", "test")
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Why the loop is evaluating, handed to :meth:`Task.evaluate`.
+
+    ``phase`` is one of :data:`PHASES`; ``step`` the optimization step (0 for the starting
+    version's validation; the last step run for ``test``);
+    ``parent`` the version a ``candidate`` was made from (``None`` otherwise); ``env_steps`` how
+    many environment steps a training rollout of a multi-step task runs before the next update
+    (:func:`mlflow_genopt.config.env_steps`; ``None``: a whole episode).
+    """
+
+    phase: str
+    step: int
+    parent: ArtifactVersion | None = None
+    env_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"phase: must be one of {', '.join(PHASES)}, got {self.phase!r}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +73,10 @@ class Trial:
     short description when the run itself failed (exception, timeout, bad output); such a trial
     still has a score and feedback. ``trace`` is empty for single-step tasks. ``metrics`` holds
     task-specific numbers (e.g. ``accuracy``, ``f1``, ``episode_return``); the loop averages them
-    over the validation split and tracking logs them as ``val_<name>``.
+    over the validation split and tracking logs them as ``val_<name>``. ``carry`` is what a
+    multi-step trial hands on to the task's ``end_step`` hook (e.g. the emulator state where a
+    rollout stopped); it is never shown to the optimizer nor logged as feedback, and must be
+    JSON-serializable (it is kept in the evaluation cache).
     """
 
     example_id: str
@@ -58,9 +88,16 @@ class Trial:
     error: str | None = None
     usage: Mapping[str, float] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    carry: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Trial":
+        trace = tuple(TraceStep(**step) for step in data.get("trace") or ())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{**{k: v for k, v in data.items() if k in known}, "trace": trace})
 
 
 @runtime_checkable
@@ -84,14 +121,41 @@ class Task(Protocol):
       on the same task object; the split sizes are fixed at construction. ``split`` is one of
       ``"train"``, ``"val"``, ``"test"``. The loop never shows ``"test"`` examples to the
       optimizer and evaluates on them once, for the selected version only.
-    * ``evaluate(version, examples)`` returns exactly one :class:`Trial` per example, in the
-      same order. It must not raise because the artifact misbehaves: exceptions, timeouts and
-      invalid outputs of the artifact become low-scoring trials with feedback. It may raise for
-      failures of the infrastructure itself (e.g. the task LLM endpoint is unreachable).
-      Generated code must never run in the caller's process.
-    * ``evaluate`` may run trials concurrently, and must be deterministic given the version, the
-      examples and the task's seed, up to the nondeterminism of an LLM it calls.
+    * ``evaluate(version, examples, context)`` returns exactly one :class:`Trial` per example, in
+      the same order, with ``example_id`` set to the example's id. ``context``
+      (:class:`EvalContext`) says why the loop evaluates: the phase, the step, the parent of a
+      candidate, the environment steps of a rollout. It must not raise because the artifact
+      misbehaves: exceptions, timeouts and invalid outputs of the artifact become low-scoring
+      trials with feedback. It may raise for failures of the infrastructure itself (e.g. the
+      task LLM endpoint is unreachable). Generated code must never run in the caller's process.
+      A task written before ``context`` existed (``evaluate(version, examples)``) still works.
+    * ``evaluate`` may run trials concurrently, and must be a function of the version, the
+      examples, the context and the task's state (below), up to the nondeterminism of an LLM it
+      calls: the loop caches trials by (version content, :meth:`trial_key`, task fingerprint), so
+      a trial must not depend on which other evaluations ran before it. Feedback that depends on
+      the loop's history (how a version compares with its parent, its validation result) is
+      added by the loop, see ``feedback_notes``.
     * ``close()`` releases processes, emulators and connections; calling it twice is harmless.
+
+    Optional hooks (looked up with ``getattr``; a task defines only what it needs)
+    ------------------------------------------------------------------------------
+    * ``multi_step: bool`` -- trials carry traces; ``credit_horizon``/``update_every`` apply.
+    * ``end_step(step, version, trials)`` -- the episodic hook: called once per step, after the
+      step's decision, with the batch trials of the version that played the step's environment
+      steps (``trials`` of phase ``batch``). A task whose episodes continue across updates moves
+      its environments on here (from ``Trial.carry``), never inside ``evaluate``.
+    * ``state_dict() -> dict`` / ``load_state_dict(state)`` -- task state that the next step
+      depends on (JSON-serializable). The loop stores it in every step's checkpoint (after
+      ``end_step``) and restores it on resume, so a resumed loop sends the same learning
+      contexts as an uninterrupted one (GEPA's ``get_adapter_state``/``set_adapter_state``).
+    * ``trial_key(example, context) -> str | None`` -- what identifies the trial's input beyond
+      the version (default: ``example.id``); ``None`` means "do not cache this trial".
+    * ``feedback_notes: tuple[str, ...]`` -- history notes the loop appends to the feedback of
+      ``batch`` and ``candidate`` trials: ``"validation"`` (the version's validation result)
+      and ``"improvement"`` (how it compares with its parent on the same example, and how many
+      proposals made from it did not improve on it, with ``improvement_directions``).
+    * ``fingerprint() -> str`` -- anything beyond the loop config that changes trials (data
+      version, say); part of the evaluation-cache key.
     """
 
     name: str
@@ -100,7 +164,8 @@ class Task(Protocol):
 
     def examples(self, split: str) -> Sequence[Example]: ...
 
-    def evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]: ...
+    def evaluate(self, version: ArtifactVersion, examples: Sequence[Example],
+                 context: EvalContext | None = None) -> list[Trial]: ...
 
     def close(self) -> None: ...
 

@@ -20,6 +20,8 @@ pytest.importorskip("ale_py")
 from mlflow_genopt.artifact import ArtifactVersion  # noqa: E402
 from mlflow_genopt.config import ConfigError  # noqa: E402
 from mlflow_genopt.llm.scripted import ScriptedLLM  # noqa: E402
+from mlflow_genopt.evaluation import Evaluator  # noqa: E402
+from mlflow_genopt.history import History  # noqa: E402
 from mlflow_genopt.loop import LearningLoop  # noqa: E402
 from mlflow_genopt.optimizer import Optimizer  # noqa: E402
 
@@ -54,11 +56,11 @@ def answer(code: str) -> str:
 def make(init: str = "single", task: str = "Pong", **overrides):
     options = {**SMALL, **overrides.pop("task_options", {})}
     config = PROJECT.config(task=task, init=init, task_options=options, **overrides)
-    return config, PROJECT.make_task(config, None)
+    return config, PROJECT.build_task(config)
 
 
 def version(config, step: int = 0, **values) -> ArtifactVersion:
-    return ArtifactVersion({**PROJECT.starting_artifact(config.init).values, **values}, step)
+    return ArtifactVersion({**PROJECT.starting_for(config).values, **values}, step)
 
 
 def trace_lines(context) -> list[int]:
@@ -73,7 +75,7 @@ def trace_lines(context) -> list[int]:
 def one_step(config, task, response: str):
     llm = ScriptedLLM([response])
     optimizer = Optimizer(llm, credit_horizon=config.credit_horizon)
-    starting = PROJECT.starting_artifact(config.init)
+    starting = PROJECT.starting_for(config)
     loop = LearningLoop(config, task, optimizer, dict(starting.values), spec=starting.spec)
     return loop.run()
 
@@ -129,12 +131,14 @@ def test_feedback_combines_the_rollout_with_the_full_episode_evaluation():
     config, task = make(credit_horizon=5)
     try:
         start = version(config)
-        [before] = task.evaluate(start, task.examples("train")[:1])
-        assert "Full-episode evaluation of this version: not run yet" in before.feedback
-        [episode] = task.evaluate(start, task.examples("val"))
+        evaluate = Evaluator(task, config, History())  # the loop's evaluator adds the note
+        [before] = evaluate(start, task.examples("train")[:1], "batch", 1)
+        assert "Validation of this version: not run yet" in before.feedback
+        [episode] = evaluate(start, task.examples("val"), "validation", 0)
         assert episode.metrics["steps"] == 120 and episode.metrics["failed"] == 0.0
-        [after] = task.evaluate(start, task.examples("train")[:1])
-        assert f"mean return {episode.score:g} (std 0) over 1 episodes of up to 120 steps" in after.feedback
+        [after] = evaluate(start, task.examples("train")[:1], "batch", 1)
+        assert (f"Validation of this version: mean score {episode.score:.4g} (std 0) over 1 "
+                "example(s)") in after.feedback
         assert after.feedback.startswith("Rollout of up to 5 steps from the start of an episode")
         assert after.score == after.output["return"] and set(after.output) >= {"steps", "end", "actions"}
         assert isinstance(after.trace[0].observation, str) and "ball" in after.trace[0].observation
@@ -170,9 +174,11 @@ def test_continue_episode_plays_one_game_across_updates():
         candidate = version(config, 1, select_action=FOLLOW_BALL + "\n# same play, new version\n")
         [first] = task.evaluate(start, [game])  # step 1: current version, from reset
         [replayed] = task.evaluate(candidate, [game])  # step 1: the candidate, from the same state
+        task.end_step(1, start, [first])  # the loop's episodic hook: the game moves on
         [second] = task.evaluate(candidate, [game])  # step 2: the adopted candidate moves on
         [again] = task.evaluate(version(config, 2, select_action=INVALID_ACTION), [game])  # its candidate
         assert [t.input["game_step"] for t in (first, replayed, second, again)] == [0, 0, 40, 40]
+        assert task.state_dict()["games"][game.id]["game_step"] == 40
         assert first.trace[-1].observation == replayed.trace[-1].observation
         assert "from game step 40" in second.feedback
         assert "continues one game" in task.objective
@@ -215,7 +221,7 @@ def test_every_game_plays_both_generic_starting_policies(game):
 def test_starting_artifacts_and_bad_configs():
     names = list(PROJECT.starting_artifacts)
     assert names[:2] == ["single", "modular"] and "Pong.modular" in names and len(names) == 18
-    assert [p.name for p in PROJECT.starting_artifact("Pong.modular").spec.trainable] == [
+    assert [p.name for p in PROJECT.starting_artifacts["Pong.modular"].spec.trainable] == [
         "predict_ball_trajectory", "select_action"]
     defaults = PROJECT.config()
     assert (defaults.steps, defaults.memory_size, defaults.revert_ratio, defaults.revert_patience,
@@ -224,11 +230,11 @@ def test_starting_artifacts_and_bad_configs():
         ({"task": "Tetris"}, "task: unknown Atari game 'Tetris'"),
         ({"init": "Breakout.single"}, "init: Breakout.single is a starting artifact of Breakout, not of Pong"),
         ({"task_options": {"eval_epsiodes": 2}}, "task_options.eval_epsiodes: unknown option for atari"),
-        ({"task_options": {"eval_episodes": 0}}, "task_options.eval_episodes: must be >= 1"),
+        ({"task_options": {"eval_episodes": 0}}, "task_options.eval_episodes: must be an integer >= 1, got 0"),
         ({"task_options": {"continue_episode": "maybe"}}, "task_options.continue_episode: must be true or false"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
-            PROJECT.make_task(PROJECT.config(**{"task": "Pong", **overrides}), None)
+            PROJECT.build_task(PROJECT.config(**{"task": "Pong", **overrides}))
 
 
 # --- the whole loop, tracked -----------------------------------------------------------------
@@ -237,7 +243,7 @@ def test_starting_artifacts_and_bad_configs():
 def test_scripted_loop_on_pong_logs_versions_and_a_video_despite_broken_policies(tmp_path):
     from mlflow import MlflowClient
 
-    from mlflow_genopt.runner import run_loop
+    from mlflow_genopt.build import run_loop
 
     script = [answer(FOLLOW_BALL), answer(RAISES_AT_IMPORT), answer(HANGS), "this is not JSON {",
               answer(INVALID_ACTION)]
@@ -246,7 +252,7 @@ def test_scripted_loop_on_pong_logs_versions_and_a_video_despite_broken_policies
                             task_options={"eval_episodes": 2, "eval_max_steps": 150, "test_episodes": 1,
                                           "video_steps": 60})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run_loop(config, tracking_uri=uri, cache_dir=None, optimizer_llm=llm, experiment="atari")
+    result = run_loop(config, tracking=uri, cache_dir=None, optimizer_llm=llm, experiment="atari")
 
     assert result.stop_reason == "completed" and len(result.steps) == 5 and len(llm.calls) == 5
     good = result.steps[0].candidate_id

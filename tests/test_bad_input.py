@@ -70,7 +70,7 @@ CASES = [
     ("splits-too-large", ["run", "bbeh", "--option", "train_size=100"], {}, {},
      ["train_size 100", "must leave test examples"]),
     ("atari-option-out-of-range", ["run", "atari", "--option", "eval_episodes=0"], {}, {},
-     ["task_options.eval_episodes: must be >= 1"]),
+     ["task_options.eval_episodes: must be an integer >= 1, got 0"]),
     ("llm-retries-env-invalid", ["run", "bbeh", "--optimizer-model", "openai:fake", "--base-url",
                                  "http://127.0.0.1:9/v1"], {}, {"GENOPT_LLM_MAX_RETRIES": "lots"},
      ["$GENOPT_LLM_MAX_RETRIES: must be an integer >= 0", "'lots'"]),

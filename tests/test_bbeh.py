@@ -13,7 +13,7 @@ from genopt_projects.bbeh.scoring import is_correct
 from genopt_projects.bbeh.task import BBEHTask
 from mlflow_genopt import ArtifactVersion, ConfigError
 from mlflow_genopt.llm.scripted import ScriptedLLM
-from mlflow_genopt.runner import run_loop
+from mlflow_genopt.build import run_loop
 
 BBEH_DIR = SHARED_DATA / "bbeh" / "benchmark_tasks"
 needs_bbeh = pytest.mark.skipif(not BBEH_DIR.is_dir(), reason=f"BBEH data not found at {BBEH_DIR}")
@@ -112,17 +112,23 @@ def test_scripted_loop_on_the_generated_task_tracks_into_mlflow(tmp_path):
         "this is not json",
         json.dumps({"reasoning": "ask for care", "prompt": improved}),
         json.dumps({"reasoning": "drop the placeholder", "prompt": "no placeholder"}),
+        json.dumps({"reasoning": "a template variable", "prompt": "{question} -> {answer}"}),
     ])
-    config = PROJECT.config(task="generated_arithmetic", steps=3, batch_size=3,
+    config = PROJECT.config(task="generated_arithmetic", steps=4, batch_size=3,
                             acceptance="improve", max_workers=2)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run_loop(config, tracking_uri=uri, experiment="bbeh-test", cache_dir=None,
+    result = run_loop(config, tracking=uri, experiment="bbeh-test", cache_dir=None,
                       optimizer_llm=optimizer, task_llm=ScriptedLLM(task_model))
 
     assert result.best_val_score == 1.0 and result.test_score == 1.0
     assert result.selected.values["prompt"] == improved
-    assert [s.valid for s in result.steps] == [False, True, False]
-    assert "missing placeholder(s) {question}" in result.steps[2].invalid_reason
+    assert [s.valid for s in result.steps] == [False, True, True, False]
+    # an instruction without the input gets the input appended (the repair is recorded) ...
+    assert result.steps[2].proposal["prompt"] == "no placeholder\n\n{question}"
+    assert result.steps[2].candidates[0].repairs == (
+        "prompt: appended the missing placeholder(s) {question}",)
+    # ... a placeholder the task does not fill in is refused
+    assert "unknown placeholder(s) {answer}; only {question} are filled in" in result.steps[3].invalid_reason
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("bbeh-test")
@@ -130,9 +136,9 @@ def test_scripted_loop_on_the_generated_task_tracks_into_mlflow(tmp_path):
     assert run.data.params["batch_size"] == "3" and run.data.params["init"] == "prompt_only"
     assert run.data.metrics["test_score"] == 1.0
     history = client.get_metric_history(run.info.run_id, "rejected_proposals")
-    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1, 1, 2]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1, 1, 1, 2]
     models = client.search_logged_models([experiment.experiment_id])
-    assert len(models) == 2  # the starting version and the one valid proposal
+    assert len(models) == 3  # the starting version and the two valid proposals
     selected = [m for m in models if m.tags.get("genopt.selected") == "true"]
     assert len(selected) == 1 and selected[0].name == result.selected.version_id
     context_path = client.download_artifacts(run.info.run_id, "steps/002/context.json",

@@ -29,7 +29,7 @@ from fake_openai import FakeOpenAI, Reply, arithmetic_task_model  # noqa: E402
 
 from mlflow_genopt.config import LoopConfig  # noqa: E402
 from mlflow_genopt.llm.base import LLMError  # noqa: E402
-from mlflow_genopt.runner import run_loop  # noqa: E402
+from mlflow_genopt.build import run_loop  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,11 +78,11 @@ def fast_retries(monkeypatch):
 def test_faults_are_retried_logged_and_change_nothing(tmp_path, fast_retries):
     config = bbeh_config()
     with FakeOpenAI(prompts, arithmetic_task_model) as clean:
-        expected = run_loop(config, tracking_uri=None, cache_dir=None, base_url=clean.base_url)
+        expected = run_loop(config, tracking=None, cache_dir=None, base_url=clean.base_url)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with FakeOpenAI(prompts, arithmetic_task_model, fault_rate=0.4, max_faults_per_request=2,
                     timeout_sleep_s=3.0, retry_after="0.3", seed=3) as server:
-        result = run_loop(config, tracking_uri=uri, experiment="faults", cache_dir=tmp_path / "cache",
+        result = run_loop(config, tracking=uri, experiment="faults", cache_dir=tmp_path / "cache",
                           base_url=server.base_url)
 
     kinds = {kind: server.stats[f"fault_{kind}"] for kind in ("timeout", "429", "500", "drop")}
@@ -102,8 +102,12 @@ def test_faults_are_retried_logged_and_change_nothing(tmp_path, fast_retries):
     client, run = run_of(uri, "faults")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["totals/llm_retries"] == server.faults_injected
+    # every retry is counted in the phase that made it: the starting version's validation
+    # (step 0), the steps, and the test evaluation; the parts add up to the total
     per_step = client.get_metric_history(run.info.run_id, "llm_retries")
-    assert len(per_step) == config.steps and sum(m.value for m in per_step) <= server.faults_injected
+    assert sorted(m.step for m in per_step) == list(range(config.steps + 1))
+    test_retries = run.data.metrics["test_llm_retries"]
+    assert sum(m.value for m in per_step) + test_retries == server.faults_injected
 
 
 # --- an endpoint that stays down ----------------------------------------------------------------
@@ -123,7 +127,7 @@ def test_an_endpoint_that_stays_down_ends_the_loop_with_one_line(tmp_path, monke
     started = time.monotonic()
     try:
         with pytest.raises(LLMError) as caught:
-            run_loop(bbeh_config(), tracking_uri=uri, experiment="down", cache_dir=tmp_path / "cache",
+            run_loop(bbeh_config(), tracking=uri, experiment="down", cache_dir=tmp_path / "cache",
                      base_url=base_url)
     finally:
         server.stop()
@@ -173,7 +177,7 @@ def test_loop_budgets_stop_the_loop_after_the_step_that_reaches_them(tmp_path, f
     config = bbeh_config(steps=10, optimizer_model="openai:gpt-4.1-mini", **{budget: limit})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with FakeOpenAI(priced_answers, small_task_answers) as server:
-        result = run_loop(config, tracking_uri=uri, experiment="budget", cache_dir=None,
+        result = run_loop(config, tracking=uri, experiment="budget", cache_dir=None,
                           base_url=server.base_url)
     assert result.stop_reason == f"budget: {budget}"
     assert 1 <= len(result.steps) < config.steps

@@ -278,9 +278,9 @@ def catalog(project: str, c: Canaries, port: int, *, full: bool) -> list[Payload
                 Reply(body=b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": 12}}]}')),
         Payload("http_deep_nesting", "http", Reply(body=b'{"choices": ' + b"[" * 100_000)),
     ]
-    if project == "bbeh":
-        malformed.append(Payload("prompt_without_placeholder", "malformed",
-                                 answer(prompt="Answer it. MALFORMED-placeholder")))
+    if project == "bbeh":  # (a prompt that only omits {question} gets it appended: not malformed)
+        malformed.append(Payload("prompt_with_unknown_placeholder", "malformed",
+                                 answer(prompt="Answer {question} as {answer}. MALFORMED-placeholder")))
     if not full:
         keep = {"truncated", "syntax_error", "lone_surrogate", "http_not_utf8", "deep_nesting"}
         malformed = [m for m in malformed if m.name in keep]
@@ -319,9 +319,10 @@ def loop_config(project: str, steps: int):
     from mlflow_genopt.config import LoopConfig
 
     common = dict(project=project, steps=steps, batch_size=1, acceptance="improve", memory_size=2,
-                  optimizer_model="openai:fake", task_model="openai:fake", max_workers=2, seed=0)
+                  optimizer_model="openai:fake", max_workers=2, seed=0)
     if project == "bbeh":
         return LoopConfig(task="generated_arithmetic", init="prompt_and_extraction", **common,
+                          task_model="openai:fake",
                           task_options={"train_size": 4, "val_size": 2, "test_size": 2,
                                         "extract_timeout_s": 2})
     if project == "ml_pipeline":
@@ -424,7 +425,7 @@ def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None,
     ``fault_rate``: also inject endpoint faults (timeouts, 429, 500, dropped connections) into
     that share of requests; every fault and every HTTP-level malformed answer must then show up
     as exactly one retry in the run's ``llm_retries``."""
-    from mlflow_genopt.runner import run_loop
+    from mlflow_genopt.build import run_loop
 
     full = project == "bbeh" if full is None else full
     report = HostileReport(project)
@@ -441,7 +442,7 @@ def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None,
         config = loop_config(project, steps=len(payloads) - http_level)
         result = None
         try:
-            result = run_loop(config, tracking_uri=uri, experiment=f"hostile-{project}",
+            result = run_loop(config, tracking=uri, experiment=f"hostile-{project}",
                               cache_dir=workdir / "cache", base_url=server.base_url)
         except BaseException as exc:  # noqa: BLE001 - a crash is a figure, not a test error
             report.loop_crashes = 1

@@ -31,8 +31,7 @@ def make_loop(responses, task=None, callbacks=(), llm=None, initial="start", **c
     task = task or WordTask()
     llm = llm or ScriptedLLM(responses)
     usage = UsageMeter()
-    optimizer = Optimizer(ObservedLLM(llm, "optimizer", [usage.on_llm_call]),
-                          credit_horizon=config.credit_horizon)
+    optimizer = Optimizer.from_config(config, ObservedLLM(llm, "optimizer", [usage.on_llm_call]))
     loop = LearningLoop(config, task, optimizer, {"prompt": initial}, callbacks=callbacks,
                         usage=usage)
     return loop, task, llm
@@ -231,13 +230,13 @@ def test_budget_on_wall_time_stops_before_the_next_step():
 ])
 def test_invalid_config_values_give_one_line_errors(field, value, message):
     with pytest.raises(ConfigError) as info:
-        LoopConfig(**{field: value})
+        LoopConfig(project="toy", **{field: value})
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
 
 
 def test_config_round_trips_through_mlflow_params_and_yaml(tmp_path):
-    config = LoopConfig(trainable=("prompt",), credit_horizon=5, batch_size=4,
+    config = LoopConfig(project="toy", trainable=("prompt",), credit_horizon=5, batch_size=4,
                         task_options={"data_dir": "/x", "train_size": 12})
     params = config.to_params()
     assert params["batch_size"] == "4" and params["credit_horizon"] == "5"
@@ -281,18 +280,30 @@ def test_target_score_stops_early_and_val_metrics_summarise_trials():
     assert result.versions[0].val_metrics == {"score_std": 0.0}
 
 
-def test_learning_context_too_long_for_the_optimizer_is_an_invalid_proposal():
+def test_a_context_too_long_is_shrunk_before_the_step_is_given_up():
     from mlflow_genopt.llm.base import PromptTooLong
 
-    def overflow(messages, i):
-        if i == 0:
-            raise PromptTooLong("smollm2 (n_ctx=8192) could not complete: too many tokens")
-        return answer("india")
+    probe, _, probe_llm = make_loop([answer("india 0")], memory_size=3, steps=1)
+    probe.run()
+    window = sum(len(m["content"]) for m in probe_llm.calls[0]["messages"]) + 10
 
-    loop, _, _ = make_loop([], llm=ScriptedLLM(overflow), steps=2)
+    def fits(messages, i):  # a model whose window holds a context without memory, not more
+        if sum(len(m["content"]) for m in messages) > window:
+            raise PromptTooLong("smollm2 (n_ctx=8192) could not complete: too many tokens")
+        return answer(f"india {i}")
+
+    loop, _, _ = make_loop([], llm=ScriptedLLM(fits), steps=3, memory_size=3)
     result = loop.run()
-    assert result.steps[0].invalid_reason.startswith("learning context too long for the optimizer")
-    assert result.steps[1].valid and result.selected.values["prompt"] == "india"
+    assert [s.valid for s in result.steps] == [True, True, True]
+    assert result.steps[0].shrink_level == 0
+    assert all(s.shrink_level >= 1 for s in result.steps[1:])  # the memory had to go
+    assert all(sum(len(m["content"]) for m in s.context) <= window for s in result.steps)
+
+    never = ScriptedLLM(lambda m, i: (_ for _ in ()).throw(PromptTooLong("far too long")))
+    loop, _, _ = make_loop([], llm=never, steps=1)
+    [step] = loop.run().steps
+    assert step.invalid_reason.startswith("learning context too long for the optimizer")
+    assert step.shrink_level == 3 and len(never.calls) == 4  # every level was tried once
 
 
 def test_resume_from_a_checkpoint_continues_exactly_like_an_uninterrupted_loop():

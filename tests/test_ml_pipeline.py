@@ -26,7 +26,7 @@ from genopt_projects.ml_pipeline.metrics import canonical_label, score_predictio
 from mlflow_genopt import ArtifactVersion, ConfigError
 from mlflow_genopt.llm.scripted import ScriptedLLM
 from mlflow_genopt.optimizer import validate_value
-from mlflow_genopt.runner import run_loop
+from mlflow_genopt.build import run_loop
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MLAGENTBENCH = SHARED_DATA / "mlagentbench"
@@ -61,7 +61,7 @@ def test_starting_artifacts_split_one_docstring_into_five_functions():
     for starting in (one, many):  # the optimizer would accept them as they are
         for parameter in starting.spec.parameters:
             assert validate_value(parameter, starting.values[parameter.name])
-    assert PROJECT.uses_task_llm is False
+    assert PROJECT.needs_task_llm is False and PROJECT.multi_step is False
     assert PROJECT.defaults["steps"] == 20 and PROJECT.config().init == "one_function"
 
 
@@ -82,7 +82,7 @@ def test_labels_are_compared_in_canonical_form_and_bad_predictions_are_named():
 def test_mlagentbench_layout_keeps_answers_in_the_loop_process():
     config = PROJECT.config(task="spaceship-titanic", init="many_function",
                             task_options={"data_dir": str(DATA_DIRS["spaceship-titanic"])})
-    task = PROJECT.make_task(config, None)
+    task = PROJECT.build_task(config)
     sizes = {split: len(task.examples(split)) for split in ("train", "val", "test")}
     assert sizes == {"train": 5, "val": 1, "test": 1}
     assert len(task.labeled) == 6954 and task.test_description == "MLAgentBench answers"
@@ -96,7 +96,7 @@ def test_mlagentbench_layout_keeps_answers_in_the_loop_process():
     assert "Transported" not in predict_columns and "PassengerId" in predict_columns
     assert "lower is better" not in task.objective and "score = accuracy" in task.objective
     # the split ignores the loop seed, and follows split_seed
-    again = PROJECT.make_task(config.replace(seed=7), None)
+    again = PROJECT.build_task(config.replace(seed=7))
     assert (again._scopes["val"].score_rows == task._scopes["val"].score_rows).all()
 
 
@@ -133,7 +133,7 @@ def test_kaggle_layout_downloads_with_the_kaggle_cli_and_holds_out_a_test_split(
     monkeypatch.setenv("KAGGLE_KEY", "not-a-real-key")
 
     config = PROJECT.config(task="spaceship-titanic", task_options={"holdout_fraction": 0.2})
-    task = PROJECT.make_task(config, None)
+    task = PROJECT.build_task(config)
     cached = tmp_path / "cache" / "kaggle" / "spaceship-titanic"
     assert calls.read_text().split() == ["competitions", "download", "-c", "spaceship-titanic",
                                          "-p", str(cached.with_name("spaceship-titanic.partial"))]
@@ -141,9 +141,9 @@ def test_kaggle_layout_downloads_with_the_kaggle_cli_and_holds_out_a_test_split(
     assert task.layout == "kaggle" and task.test_description == "internal holdout (60 rows)"
     test_scope = task._scopes["test"]
     assert len(test_scope.score_rows) == 60 and not set(test_scope.score_rows) & set(test_scope.fit_rows)
-    PROJECT.make_task(config, None)  # the second time comes from the cache
+    PROJECT.build_task(config, None)  # the second time comes from the cache
     assert len(calls.read_text().splitlines()) == 1
-    empty = PROJECT.make_task(config.replace(task_options={"holdout_fraction": 0}), None)
+    empty = PROJECT.build_task(config.replace(task_options={"holdout_fraction": 0}))
     assert empty.examples("test") == [] and empty.test_description == "none"
 
 
@@ -160,30 +160,30 @@ def test_missing_data_is_a_one_line_config_error(tmp_path, monkeypatch):
         ("diabetes", {"folds": 3}, "task_options.folds: unknown option"),
     ]:
         with pytest.raises(ConfigError, match=message) as caught:
-            PROJECT.make_task(PROJECT.config(task=task, task_options=options), None)
+            PROJECT.build_task(PROJECT.config(task=task, task_options=options))
         assert "\n" not in str(caught.value)
     assert "kaggle competitions download -c spaceship-titanic" in _error("spaceship-titanic")
 
 
 def _error(task: str) -> str:
     try:
-        PROJECT.make_task(PROJECT.config(task=task), None)
+        PROJECT.build_task(PROJECT.config(task=task))
     except ConfigError as exc:
         return str(exc)
     raise AssertionError("no error")
 
 
 def test_staged_and_improvement_feedback_are_configurable():
-    task = PROJECT.make_task(PROJECT.config(task="diabetes"), None)
+    task = PROJECT.build_task(PROJECT.config(task="diabetes"))
     assert task.metric.name == "rmse" and task.thresholds == (62.0, 56.0)
     assert [task.stage(v) for v in (70.0, 60.0, 50.0)] == [0, 1, 2]  # lower error, higher level
     assert task.floor < -100 and "lower is better; score = -rmse" in task.objective
-    custom = PROJECT.make_task(PROJECT.config(task="breast-cancer", task_options={
-        "stage_thresholds": "0.5, 0.99", "staged_feedback": False, "improvement_feedback": "false"}), None)
+    custom = PROJECT.build_task(PROJECT.config(task="breast-cancer", task_options={
+        "stage_thresholds": "0.5, 0.99", "staged_feedback": False, "improvement_feedback": "false"}))
     assert custom.thresholds == (0.5, 0.99) and not custom.staged_feedback
-    assert not custom.improvement_feedback
+    assert custom.feedback_notes == () and PROJECT.build_task(PROJECT.config(task="wine")).feedback_notes == ("improvement",)
     with pytest.raises(ConfigError, match="stage_thresholds: expected 2 values"):
-        PROJECT.make_task(PROJECT.config(task="wine", task_options={"stage_thresholds": "0.9"}), None)
+        PROJECT.build_task(PROJECT.config(task="wine", task_options={"stage_thresholds": "0.9"}))
 
 
 # --- loops ------------------------------------------------------------------------------------
@@ -231,7 +231,8 @@ def test_scripted_loop_on_mlagentbench_data_writes_submission_and_model(tmp_path
                             trainable=frozen,
                             task_options=_fast(data_dir=str(DATA_DIRS[task_name]), max_train_rows=rows))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run_loop(config, tracking_uri=uri, experiment="ml", cache_dir=None, optimizer_llm=optimizer)
+    result = run_loop(config, tracking=uri, experiment="ml", cache_dir=None, optimizer_llm=optimizer,
+                      export_dir=tmp_path / "export")
 
     first, second = result.steps
     assert first.valid and second.valid
@@ -287,7 +288,7 @@ def test_scripted_loop_on_mlagentbench_data_writes_submission_and_model(tmp_path
 def test_export_wraps_a_custom_predict_in_a_python_function_model(tmp_path):
     import mlflow.pyfunc
 
-    task = PROJECT.make_task(PROJECT.config(task="house-prices", init="many_function", task_options=_fast(
+    task = PROJECT.build_task(PROJECT.config(task="house-prices", init="many_function", task_options=_fast(
         data_dir=str(DATA_DIRS["house-prices"]), max_train_rows=300)), None)
     values = {**STARTING_ARTIFACTS["many_function"].values, "train_model": LOG_TARGET_TRAIN,
               "predict": LOG_TARGET_PREDICT}
@@ -335,8 +336,8 @@ def test_offline_builtin_task_runs_the_whole_loop(tmp_path):
     import mlflow.pyfunc
 
     config = PROJECT.config(task="breast-cancer", steps=1, acceptance="always", task_options=_fast())
-    result = run_loop(config, tracking_uri=None, cache_dir=None,
-                      optimizer_llm=ScriptedLLM([_answer("linear", train_model=SCALED_LOGISTIC_ONE)]))
+    result = run_loop(config, tracking=None, cache_dir=None,
+                      optimizer_llm=ScriptedLLM([_answer("linear", train_model=SCALED_LOGISTIC_ONE)]), export_dir=tmp_path / "export")
     assert [v.status for v in result.versions] == ["initial", "accepted"]
     assert all(v.val_score > 0.88 for v in result.versions) and result.test_score > 0.88
     trial = result.steps[0].trials[0]
@@ -347,7 +348,7 @@ def test_offline_builtin_task_runs_the_whole_loop(tmp_path):
     assert info["flavor"] == "sklearn" and info["submission_rows"] == "internal holdout rows"
     submission = pd.read_csv(export / "submission.csv")
     assert list(submission.columns) == ["id", "target"] and len(submission) == 114
-    task = PROJECT.make_task(config, None)
+    task = PROJECT.build_task(config)
     rows = task._features(np.sort(task.holdout))
     assert submission["id"].tolist() == rows["id"].tolist()
     model = mlflow.pyfunc.load_model(str(export / "model"))  # see the module docstring
@@ -358,7 +359,7 @@ def test_an_xgboost_model_is_saved_with_its_own_flavor(tmp_path):
     pytest.importorskip("xgboost")
     import mlflow.pyfunc
 
-    task = PROJECT.make_task(PROJECT.config(task="breast-cancer", task_options=_fast()), None)
+    task = PROJECT.build_task(PROJECT.config(task="breast-cancer", task_options=_fast()))
     task.export(ArtifactVersion({"train_model": XGBOOST_ONE}, 1), tmp_path)
     info = json.loads((tmp_path / "export_info.json").read_text())
     assert info["flavor"] == "xgboost" and "xgboost" in (tmp_path / "model" / "MLmodel").read_text()
@@ -382,8 +383,8 @@ def test_any_csv_with_a_target_and_a_metric_is_a_task(tmp_path):
     frame.to_csv(path, index=False)
     config = PROJECT.config(task="csv", init="many_function", steps=1, task_options=_fast(
         data_dir=str(path), target="price", metric="mae", id_column="row"))
-    result = run_loop(config, tracking_uri=None, cache_dir=None,
-                      optimizer_llm=ScriptedLLM(["not json"]))
+    result = run_loop(config, tracking=None, cache_dir=None,
+                      optimizer_llm=ScriptedLLM(["not json"]), export_dir=tmp_path / "export")
     spread = float(frame["price"].std())
     assert -spread < result.best_val_score < 0 and -spread < result.test_score < 0
     assert result.steps[0].trials[0].output["metrics"].keys() == {"mae", "rmse", "r2"}
@@ -414,7 +415,7 @@ def test_export_never_follows_links_the_generated_code_planted(tmp_path):
     secret.write_text("top-secret")
     secret.chmod(0o600)
     source = LEAKY_MODEL.replace("SECRET_PATH", str(secret)).replace("SECRET_DIR", str(secret.parent))
-    task = PROJECT.make_task(PROJECT.config(task="breast-cancer", task_options=_fast()), None)
+    task = PROJECT.build_task(PROJECT.config(task="breast-cancer", task_options=_fast()))
     task.export(ArtifactVersion({"train_model": source}, 1), tmp_path / "export")
     info = json.loads((tmp_path / "export" / "export_info.json").read_text())
     assert info["flavor"] == "python_function"
@@ -438,7 +439,7 @@ SNOOPS = '''def train_model(dataset):
 
 
 @needs_data
-def test_misbehaving_training_code_is_contained_and_the_loop_finishes(monkeypatch):
+def test_misbehaving_training_code_is_contained_and_the_loop_finishes(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-loop-secret-123")
     optimizer = ScriptedLLM([_answer("spin", train_model=LOOPS_FOREVER),
                              _answer("hog", train_model=ALLOCATES_50_GB),
@@ -447,7 +448,7 @@ def test_misbehaving_training_code_is_contained_and_the_loop_finishes(monkeypatc
     config = PROJECT.config(task="spaceship-titanic", steps=4, batch_size=1, task_options=_fast(
         data_dir=str(DATA_DIRS["spaceship-titanic"]), max_train_rows=300, timeout_s=8,
         memory_mb=2048))
-    result = run_loop(config, tracking_uri=None, cache_dir=None, optimizer_llm=optimizer)
+    result = run_loop(config, tracking=None, cache_dir=None, optimizer_llm=optimizer, export_dir=tmp_path / "export")
 
     assert result.stop_reason == "completed" and result.selected.step == 0
     assert [s.accepted for s in result.steps] == [False] * 4
@@ -465,7 +466,7 @@ def test_misbehaving_training_code_is_contained_and_the_loop_finishes(monkeypatc
 
 @needs_data
 def test_validation_rows_reach_the_sandbox_without_their_labels():
-    task = PROJECT.make_task(PROJECT.config(task="house-prices", task_options=_fast(
+    task = PROJECT.build_task(PROJECT.config(task="house-prices", task_options=_fast(
         data_dir=str(DATA_DIRS["house-prices"]), max_train_rows=200)), None)
     snoop = ArtifactVersion({"train_model": SNOOPS}, 0)
     for split in ("val", "test"):

@@ -20,7 +20,7 @@ from mlflow_genopt.events import LoopCallback
 from mlflow_genopt.llm.scripted import ScriptedLLM
 from mlflow_genopt.plugin.active import active_config, loop_context
 from mlflow_genopt.plugin.prompts import prompt_name, register_prompts, to_mlflow_template
-from mlflow_genopt.runner import run_loop
+from mlflow_genopt.build import run_loop
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,19 +40,19 @@ def task_model(messages, i):
 def scripted_bbeh_loop(uri: str, experiment: str = "genopt", *, steps: int = 4, seed: int = 0,
                        improved: str = IMPROVED, callbacks=(), **kwargs):
     """A BBEH loop with scripted models: step 1 invalid (not JSON), step 2 accepted (the prompt
-    ``improved``, which makes the task model right), step 3 rejected, step 4 invalid (placeholder
-    dropped)."""
+    ``improved``, which makes the task model right), step 3 rejected, step 4 invalid (a
+    placeholder the task does not fill in)."""
     from genopt_projects.bbeh import PROJECT
 
     optimizer = ScriptedLLM([
         "this is not json",
         json.dumps({"reasoning": "ask for care", "prompt": improved}),
         json.dumps({"reasoning": "shorter is better", "prompt": "Be brief.\n{question}"}),
-        json.dumps({"reasoning": "drop the placeholder", "prompt": "no placeholder"}),
+        json.dumps({"reasoning": "an unknown placeholder", "prompt": "{question} {hint}"}),
     ][:steps])
     config = PROJECT.config(task="generated_arithmetic", steps=steps, batch_size=3, seed=seed,
                             max_workers=2, task_options=SMALL_SPLITS)
-    return run_loop(config, tracking_uri=uri, experiment=experiment, cache_dir=None,
+    return run_loop(config, tracking=uri, experiment=experiment, cache_dir=None,
                     optimizer_llm=optimizer, task_llm=ScriptedLLM(task_model),
                     callbacks=callbacks, **kwargs)
 
@@ -168,7 +168,7 @@ def test_concurrent_loops_in_threads_each_see_their_own_config():
     provider, seen, barrier = GenoptRunContext(), {}, threading.Barrier(2, timeout=10)
 
     def work(batch_size):
-        with loop_context(LoopConfig(batch_size=batch_size)):
+        with loop_context(LoopConfig(project="bbeh", batch_size=batch_size)):
             barrier.wait()  # both loops active at once
             seen[batch_size] = provider.tags()["genopt.config_hash"]
             barrier.wait()
@@ -176,9 +176,9 @@ def test_concurrent_loops_in_threads_each_see_their_own_config():
     threads = [threading.Thread(target=work, args=(b,)) for b in (1, 5)]
     [t.start() for t in threads]
     [t.join(20) for t in threads]
-    assert seen == {b: LoopConfig(batch_size=b).config_hash() for b in (1, 5)}
+    assert seen == {b: LoopConfig(project="bbeh", batch_size=b).config_hash() for b in (1, 5)}
     # code outside both loops, while two are active, cannot tell which: no loop tags
-    with loop_context(LoopConfig(batch_size=1)), loop_context(LoopConfig(batch_size=2)):
+    with loop_context(LoopConfig(project="bbeh", batch_size=1)), loop_context(LoopConfig(project="bbeh", batch_size=2)):
         pass
     assert active_config() is None
 
@@ -262,7 +262,7 @@ def test_optimize_prompts_runs_a_genopt_loop_as_its_optimizer(tmp_path):
                 for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
         improved = "Compute carefully. Q: {{question}}"
         llm = ScriptedLLM([
-            json.dumps({"reasoning": "placeholder lost", "qa": "Compute carefully."}),
+            json.dumps({"reasoning": "a variable the app does not fill", "qa": "Compute carefully. {{topic}}"}),
             json.dumps({"reasoning": "ask for care", "qa": improved}),
         ])
         optimizer = GenoptPromptOptimizer(llm, steps=2, batch_size=2, memory_size=2,

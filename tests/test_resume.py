@@ -3,6 +3,9 @@
 The optimizer and task model are scripted (answers from files) behind the real response cache;
 the sandbox, SQLite store and MLflow tracker are real. A first, uninterrupted run fills the
 cache; the interrupted runs replay it, so their histories must equal the uninterrupted one.
+Each interrupted run sets a task option that changes no result (``extract_timeout_s``) so that
+its evaluations are not served by the evaluation cache the reference run filled: its steps
+really run the sandbox, and the signals land inside them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import time
 import pytest
 
 STEPS = 6
+KILLED = ("--option", "extract_timeout_s=9")
+INTERRUPTED = ("--option", "extract_timeout_s=8")
 
 
 def command(tmp_path, db: str, *extra: str) -> list[str]:
@@ -77,7 +82,7 @@ def test_sigkill_at_random_moments_then_rerun_resumes_without_loss_or_duplicates
     rng = random.Random(int(os.environ.get("GENOPT_TEST_SEED", "7")))
     kills = 0
     for _ in range(2):  # two kills at random moments, each after some progress
-        process = subprocess.Popen(command(tmp, "killed.db"), stdout=subprocess.DEVNULL,
+        process = subprocess.Popen(command(tmp, "killed.db", *KILLED), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         target = max(checkpoint_step(db), 0) + 1
         deadline = time.monotonic() + 120
@@ -91,7 +96,8 @@ def test_sigkill_at_random_moments_then_rerun_resumes_without_loss_or_duplicates
             kills += 1
     assert kills >= 1
 
-    done = subprocess.run(command(tmp, "killed.db"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(tmp, "killed.db", *KILLED), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming unfinished run" in done.stderr
     run, resumed_history, models = history(f"sqlite:///{db}")
@@ -105,7 +111,7 @@ def test_sigkill_at_random_moments_then_rerun_resumes_without_loss_or_duplicates
 def test_sigint_finishes_the_step_exits_130_and_resume_command_continues(reference):
     tmp, (ref_run, ref_history, _) = reference
     db = tmp / "interrupted.db"
-    process = subprocess.Popen(command(tmp, "interrupted.db"), stdout=subprocess.PIPE,
+    process = subprocess.Popen(command(tmp, "interrupted.db", *INTERRUPTED), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while checkpoint_step(db) < 1 and process.poll() is None:

@@ -93,7 +93,7 @@ def test_search_space_forms_flags_and_files(tmp_path):
                                        "memory_size": IntRange(1, 3), "seed": Categorical((7,))}
 
     config = StudyConfig(base(), parse_search_space({"batch_size": [1, 2], "init": [
-        "prompt_only", "prompt_and_extraction"], "credit_horizon": [1, None]}))
+        "prompt_only", "prompt_and_extraction"], "selection": ["current", "best"]}))
     assert config.resolved_sampler() == "grid" and config.target_trials() == 8
     assert config.resolved_pruner() == "median"
     continuous = StudyConfig(base(), {"optimizer_temperature": FloatRange(0.1, 1.0)}, n_trials=7)
@@ -108,6 +108,8 @@ def test_search_space_forms_flags_and_files(tmp_path):
     ({"memory_size": {"low": 3, "high": 1}}, "memory_size: high (1) must be >= low (3)"),
     ({"memory_size": {"low": 1}}, "memory_size: a range is {low, high[, step][, log]}"),
     ({"trainable": [["prompt"]]}, "write lists as a comma-separated string"),
+    ({"credit_horizon": [1, None]}, "search space: credit_horizon=1: credit_horizon: applies to "
+                                    "multi-step tasks"),
 ])
 def test_bad_search_spaces_are_one_line_errors_before_anything_runs(spec, message):
     with pytest.raises(ConfigError) as info:
@@ -134,9 +136,9 @@ def test_cli_space_is_the_projects_unless_a_file_or_flags_say_otherwise(tmp_path
     parse = lambda *argv: make_parser().parse_args(["study", "bbeh", *argv])  # noqa: E731
     assert set(build_study_config("bbeh", parse()).search_space) == {"init", "batch_size"}
     # an explicit loop-config flag fixes the field; --param adds or replaces one
-    config = build_study_config("bbeh", parse("--batch-size", "3", "--param", "credit_horizon=1,none"))
+    config = build_study_config("bbeh", parse("--batch-size", "3", "--param", "selection=current,best"))
     assert config.search_space == {"init": Categorical(("prompt_only", "prompt_and_extraction")),
-                                   "credit_horizon": Categorical((1, None))}
+                                   "selection": Categorical(("current", "best"))}
     assert config.base.batch_size == 3
     space = tmp_path / "space.yaml"
     space.write_text("memory_size: [0, 3]\n")
@@ -149,7 +151,7 @@ def test_cli_space_is_the_projects_unless_a_file_or_flags_say_otherwise(tmp_path
 
 # --- end to end ---------------------------------------------------------------------------------
 def test_one_command_runs_a_grid_study_with_nested_runs_and_a_summary(tmp_path, mlflow_uri, capsys):
-    """`genopt study` over init x credit_horizon x batch_size: parent run, nested loop runs,
+    """`genopt study` over init x memory_size x batch_size: parent run, nested loop runs,
     summary artifacts, and a recommended.yaml that `genopt run --config` takes back."""
     answers = tmp_path / "optimizer.json"
     answers.write_text(json.dumps([json.dumps({"reasoning": "r", "prompt": GOOD_PROMPT}),
@@ -161,7 +163,7 @@ def test_one_command_runs_a_grid_study_with_nested_runs_and_a_summary(tmp_path, 
         "study", "bbeh", "--task", "generated_arithmetic", "--steps", "2", "--max-workers", "2",
         "--option", "val_size=4", "--option", "test_size=4",
         "--optimizer-model", f"scripted:{answers}", "--task-model", f"scripted:{task_answers}",
-        "--param", "init=prompt_only,prompt_and_extraction", "--param", "credit_horizon=1,none",
+        "--param", "init=prompt_only,prompt_and_extraction", "--param", "memory_size=0,2",
         "--param", "batch_size=1,2", "--pruner", "none", "--storage", storage,
         "--study-name", "e2e", "--tracking-uri", mlflow_uri, "--experiment", "study-e2e",
         "--no-cache", "--summary-dir", str(tmp_path / "summary"),
@@ -172,7 +174,7 @@ def test_one_command_runs_a_grid_study_with_nested_runs_and_a_summary(tmp_path, 
 
     trials = study_trials(storage, "e2e")
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
-    points = {(t.params["init"], t.params["credit_horizon"], t.params["batch_size"]) for t in trials}
+    points = {(t.params["init"], t.params["memory_size"], t.params["batch_size"]) for t in trials}
     assert len(points) == 8  # the whole grid, each point once
     for t in trials:
         result = t.user_attrs["result"]

@@ -50,6 +50,7 @@ class ScriptedLLM:
         messages: Messages,
         *,
         json_schema: Mapping[str, Any] | None = None,
+        grammar: str | None = None,
         temperature: float = 0.0,
         max_tokens: int = 512,
         seed: int | None = None,
@@ -60,6 +61,7 @@ class ScriptedLLM:
                 {
                     "messages": [dict(m) for m in messages],
                     "json_schema": json_schema,
+                    "grammar": grammar,
                     "temperature": temperature,
                     "max_tokens": max_tokens,
                     "seed": seed,

@@ -1,6 +1,6 @@
 """Which learning loop is running, for MLflow's run context provider (no MLflow import here).
 
-:func:`loop_context` marks a loop config as active for the code it wraps: ``runner.run_loop``
+:func:`loop_context` marks a loop config as active for the code it wraps: ``build.run_loop``
 wraps every loop in it, and users may wrap their own code (a notebook cell, a study script) so
 that runs they start with ``mlflow.start_run`` carry the loop's ``genopt.*`` tags.
 

@@ -48,14 +48,10 @@ from mlflow.genai.optimize.types import PromptOptimizerOutput
 from mlflow.prompt.constants import PROMPT_TEMPLATE_VARIABLE_PATTERN
 
 from ..artifact import ArtifactSpec, ArtifactVersion, Parameter
+from ..build import run_loop
 from ..config import LoopConfig
-from ..events import LoopCallback, dispatch
-from ..llm import LLM, make_llm
-from ..llm.base import ObservedLLM
-from ..loop import LearningLoop, UsageMeter
-from ..optimizer import Optimizer
+from ..llm import LLM
 from ..task import Example, FixedSplits, Trial
-from .active import loop_context
 
 __all__ = ["GenoptPromptOptimizer"]
 
@@ -252,27 +248,13 @@ class GenoptPromptOptimizer(BasePromptOptimizer):
         task = _EvalFnTask(f"{PROJECT}/{config.task}", self.objective, spec, names, eval_fn,
                            train, val)
 
-        usage = UsageMeter()
-        listeners: list[LoopCallback] = [usage]
         tracker = self._tracker(config) if enable_tracking else None
-        if tracker is not None:
-            listeners.append(tracker)
-        llm = (make_llm(self.optimizer_model, cache_dir=self.cache_dir, base_url=self.base_url)
-               if isinstance(self.optimizer_model, str) else self.optimizer_model)
-        optimizer = Optimizer(
-            ObservedLLM(llm, "optimizer", [lambda call: dispatch(listeners, "on_llm_call", call)]),
-            temperature=config.optimizer_temperature, max_tokens=config.optimizer_max_tokens,
-        )
         initial = {param: target_prompts[prompt] for param, prompt in names.items()}
-        loop = LearningLoop(config, task, optimizer, initial, spec=spec, callbacks=listeners,
-                            usage=usage)
-        try:
-            with loop_context(config):
-                result = loop.run()
-        except BaseException as exc:
-            if tracker is not None and tracker.active:
-                tracker.fail(exc)
-            raise
+        result = run_loop(
+            config, task=task, starting=initial, tracking=tracker, resume=None,
+            optimizer_llm=None if isinstance(self.optimizer_model, str) else self.optimizer_model,
+            cache_dir=self.cache_dir, base_url=self.base_url, register_prompts=False,
+        )
         if tracker is not None and tracker.run_id and tracker.parent_run_id:
             try:
                 mlflow.MlflowClient().set_tag(tracker.parent_run_id, "genopt.loop_run_id",

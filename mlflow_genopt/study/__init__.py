@@ -3,7 +3,7 @@
 A study searches a *search space* over loop-config fields (a case study declares one in
 ``SimpleProject.search_space``; a YAML file or ``--param`` flags override it; the language is
 in :mod:`.space`). Each trial of the study is one learning loop, run through
-:func:`mlflow_genopt.runner.run_loop` and tracked as a nested MLflow run under one parent run
+:func:`mlflow_genopt.build.run_loop` and tracked as a nested MLflow run under one parent run
 per study. The objective is the loop's best validation score (optionally also the LLM tokens it
 used); the test score is recorded, never optimized. :func:`run_study` runs one *worker*; every
 worker of a study runs the same command (or call) against the same storage.

@@ -3,13 +3,12 @@ trial; :mod:`.runner` owns the trial itself)."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import optuna
 
 from ..events import LoopCallback, LoopStart, StepRecord, StopLoop, VersionRecord
-from ..llm.base import LLMCall
+from ..usage import UsageMeter
 
 
 class _TrialListener(LoopCallback):
@@ -26,11 +25,7 @@ class _TrialListener(LoopCallback):
         self.pruned_at: int | None = None
         self.budget_stop: str | None = None
         self.curve: list[list[Any]] = []
-        self.tokens = 0
-        self.tokens_spent = 0
-        self.llm_calls = 0
-        self.cost_usd = 0.0
-        self._lock = threading.Lock()
+        self.usage = UsageMeter()  # the loop's one meter: run_loop counts into it
 
     def on_loop_start(self, start: LoopStart) -> None:
         if self.tracker is not None and self.tracker.run_id:
@@ -40,22 +35,11 @@ class _TrialListener(LoopCallback):
         if record.status == "initial":  # the curve starts at the starting version's score
             self.curve.append([0, record.val_score, record.val_score, self.spend()["tokens"]])
 
-    def on_llm_call(self, call: LLMCall) -> None:
-        completion = call.completion
-        if completion is None:
-            return
-        tokens = completion.prompt_tokens + completion.completion_tokens
-        with self._lock:
-            self.llm_calls += 1
-            self.tokens += tokens
-            if not completion.cached:
-                self.tokens_spent += tokens
-                self.cost_usd += completion.cost_usd or 0.0
-
     def spend(self) -> dict[str, Any]:
-        with self._lock:
-            return {"tokens": self.tokens, "tokens_spent": self.tokens_spent,
-                    "llm_calls": self.llm_calls, "cost_usd": self.cost_usd}
+        """Tokens of every call (cache hits included), tokens spent, calls and cost so far."""
+        usage = self.usage
+        return {"tokens": usage.tokens, "tokens_spent": usage.tokens_spent,
+                "llm_calls": int(usage.total["llm_calls"]), "cost_usd": usage.total["cost_usd"]}
 
     def on_step(self, record: StepRecord) -> None:
         spend = self.spend()

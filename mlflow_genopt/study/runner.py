@@ -198,7 +198,7 @@ class _StudyRunner:
         return params
 
     def _objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        from ..runner import run_loop
+        from ..build import run_loop
 
         try:
             params = self._suggest(trial)
@@ -229,16 +229,16 @@ class _StudyRunner:
         listener = _TrialListener(trial, tracker, report=self.single,
                                   prune=self.single and self.pruner_name != "none",
                                   budget=lambda spend: self._budget_reason(spend, trial.number))
-        callbacks = ([tracker] if tracker is not None else []) + [listener, *self.callbacks]
         try:
+            # the trial's run is the tracker made above (nested under the study's parent run);
+            # Optuna, not auto-resume, decides what is retried
             result = run_loop(
-                config, tracking_uri=None, callbacks=callbacks, cache_dir=self.cache_dir,
-                optimizer_llm=self.optimizer_llm, task_llm=self.task_llm, base_url=self.base_url,
+                config, tracking=tracker, resume=None, callbacks=[listener, *self.callbacks],
+                usage=listener.usage, cache_dir=self.cache_dir, optimizer_llm=self.optimizer_llm,
+                task_llm=self.task_llm, base_url=self.base_url, register_prompts=False,
             )
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
-            if tracker is not None and tracker.active:
-                tracker.fail(error)
             trial.set_user_attr("error", error[:2000])
             self._mark_run(tracker.run_id if tracker else None, "FAIL", None)
             (frozen,) = [t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number]
@@ -449,11 +449,11 @@ def run_study(
     turns MLflow off. The parent run is ``$MLFLOW_RUN_ID`` when set (``mlflow run``), else the
     study's own (created by the first worker, reopened on resume). ``optimizer_llm`` /
     ``task_llm`` / ``cache_dir`` / ``base_url`` go to every loop as in
-    :func:`~mlflow_genopt.runner.run_loop`; ``callbacks`` are added to every loop. Raises
+    :func:`~mlflow_genopt.build.run_loop`; ``callbacks`` are added to every loop. Raises
     :class:`ConfigError` / :class:`LLMError` (one line) for bad input or an LLM that cannot work;
     a KeyboardInterrupt marks the running trial FAIL (queued again) and the parent run KILLED.
     """
-    from ..runner import default_tracking_uri
+    from ..build import default_tracking_uri
 
     if tracking_uri is not None and not tracking_uri:
         tracking_uri = default_tracking_uri()

@@ -32,7 +32,8 @@ TAG_OBJECTIVE = "genopt.objective"
 TAG_CHECKPOINT_STEP = "genopt.checkpoint_step"  # informational; see resume.last_logged_step
 TAG_SELECTED_VERSION = "genopt.selected_version"
 TAG_STOP_REASON = "genopt.stop_reason"
-TAG_ERROR = "genopt.error"
+TAG_ERROR = "genopt.error"  # the run ended FAILED with this one-line error
+TAG_PREVIOUS_ERROR = "genopt.previous_error"  # a resumed run's last error (it is not failing now)
 TAG_TRACKING_ERRORS = "genopt.tracking_errors"
 TAG_REGISTERED_PROMPTS = "genopt.registered_prompts"  # comma-separated prompt URIs
 TAG_STUDY = "genopt.study"  # set on a study's runs (mlflow_genopt.study): not resumed alone
@@ -46,6 +47,7 @@ TAG_STEP = "genopt.step"  # also a trace tag: the phase the trace belongs to
 TAG_STATUS = "genopt.status"  # initial, accepted, rejected
 TAG_CONTENT_HASH = "genopt.content_hash"
 TAG_SELECTED = "genopt.selected"  # "true" on the selected version, else "false"
+TAG_CANDIDATE = "genopt.candidate"  # index among its step's candidates (siblings share the step)
 TAG_EXPORTED_MODEL = "genopt.exported_model"  # "true": the model holds the task's MLflow model
 
 # --- trace and prompt-version tags --------------------------------------------------------------
@@ -75,10 +77,28 @@ METRIC_LLM_RETRIES = "llm_retries"
 METRIC_EVAL_TIME_S = "eval_time_s"
 METRIC_STEP_WALL_TIME_S = "step_wall_time_s"
 METRIC_REVERTED = "reverted"
+# How the step's candidates fared (LoopConfig.candidates_per_step, repair_attempts).
+METRIC_CANDIDATES = "candidates"  # drawn
+METRIC_VALID_CANDIDATES = "valid_candidates"  # valid after repairs
+METRIC_FIRST_TRY_VALID = "first_try_valid"  # valid at the first answer, before any repair
+METRIC_REPAIR_ATTEMPTS = "repair_attempts"  # answers beyond the first
+METRIC_CACHE_HITS = "eval_cache_hits"  # trials served by the evaluation cache
+METRIC_SHRINK_LEVEL = "context_shrink_level"  # 0: the whole context fit the window
+METRIC_LLM_ERRORS = "llm_errors"  # requests that failed for good
+METRIC_CACHED_TOKENS = "cached_tokens"  # tokens replayed from the response cache
+# LLM usage outside steps: the starting version's validation is logged with the step metrics'
+# names at step 0; the final test evaluation as test_<name> (so that the sums equal totals/).
+PHASE_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
+                    "llm_calls", "cached_calls", "llm_errors", "llm_retries")
 # Logged with every step's metrics, in the same batch: its history says which steps landed.
 STEP_SENTINEL_METRIC = METRIC_STEP_WALL_TIME_S
 # At the end (the selected version's LoggedModel has it too).
 METRIC_TEST_SCORE = "test_score"
+
+
+def test_metric(key: str) -> str:
+    """The name of the final test evaluation's usage metric ``key``."""
+    return f"test_{key}"
 
 
 def val_metric(key: str) -> str:
@@ -110,6 +130,13 @@ RESPONSE_FILE = "response.txt"
 PROPOSAL_FILE = "proposal.json"
 TRIALS_FILE = "trials.jsonl"
 CANDIDATE_TRIALS_FILE = "candidate_trials.jsonl"
+CANDIDATES_FILE = "candidates.json"  # every candidate: attempts (repairs included), outcome
+
+
+def sibling_trials_file(index: int) -> str:
+    """The batch trials of candidate ``index`` of a step (the chosen one's are also in
+    ``CANDIDATE_TRIALS_FILE``)."""
+    return f"candidate_{index}_trials.jsonl"
 CHECKPOINT_FILE = "checkpoint.json"  # the loop state after the step, for resuming
 
 

@@ -19,7 +19,8 @@ from ..events import LoopResult, LoopStart, StepRecord, VersionRecord
 from . import layout
 
 # StepRecord fields that have their own files under steps/ and stay out of steps.jsonl.
-_BULKY_STEP_FIELDS = ("trials", "candidate_trials", "context", "raw_response")
+_BULKY_STEP_FIELDS = ("trials", "candidate_trials", "context", "raw_response", "candidates",
+                      "checkpoint")
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -123,6 +124,7 @@ def model_tags(record: VersionRecord, config_hash: str, task_name: str) -> dict[
         layout.TAG_SELECTED: "false",
         layout.TAG_CONFIG_HASH: config_hash,
         layout.TAG_TASK: task_name,
+        **({layout.TAG_CANDIDATE: str(record.candidate)} if record.candidate is not None else {}),
     }
 
 
@@ -150,6 +152,14 @@ def step_metrics(
         layout.METRIC_LLM_RETRIES: record.llm_retries,
         layout.METRIC_EVAL_TIME_S: record.eval_time_s,
         layout.METRIC_STEP_WALL_TIME_S: record.wall_time_s,
+        layout.METRIC_CANDIDATES: len(record.candidates),
+        layout.METRIC_VALID_CANDIDATES: sum(c.valid for c in record.candidates),
+        layout.METRIC_FIRST_TRY_VALID: sum(c.first_try_valid for c in record.candidates),
+        layout.METRIC_REPAIR_ATTEMPTS: sum(max(len(c.attempts) - 1, 0) for c in record.candidates),
+        layout.METRIC_CACHE_HITS: record.cache_hits,
+        layout.METRIC_SHRINK_LEVEL: record.shrink_level,
+        layout.METRIC_LLM_ERRORS: record.llm_errors,
+        layout.METRIC_CACHED_TOKENS: record.cached_tokens,
     }
     # The candidate's scores are already in the history when its version was logged at this
     # step; log them here only if they were not (or differ), never twice.
@@ -184,6 +194,17 @@ def step_files(record: StepRecord) -> dict[str, str]:
     }
     if record.candidate_trials:
         files[layout.CANDIDATE_TRIALS_FILE] = jsonl(t.to_dict() for t in record.candidate_trials)
+    if record.candidates:
+        files[layout.CANDIDATES_FILE] = dumps([{
+            "index": c.index, "version_id": c.version_id, "batch_score": c.batch_score,
+            "proposal": dict(c.proposal) if c.proposal is not None else None,
+            "reasoning": c.reasoning, "invalid_reason": c.invalid_reason,
+            "first_try_valid": c.first_try_valid, "repairs": list(c.repairs),
+            "attempts": [dataclasses.asdict(a) for a in c.attempts],
+        } for c in record.candidates], indent=2)
+        for c in record.candidates:
+            if c.trials and c.version_id != record.candidate_id:
+                files[layout.sibling_trials_file(c.index)] = jsonl(t.to_dict() for t in c.trials)
     if record.checkpoint:
         files[layout.CHECKPOINT_FILE] = dumps(record.checkpoint)
     return files
@@ -237,3 +258,12 @@ def result_files(
 
 def totals_metrics(totals: Mapping[str, float]) -> dict[str, float]:
     return {layout.totals_metric(k): v for k, v in totals.items()}
+
+
+def phase_usage_metrics(result: LoopResult) -> tuple[dict[str, float], dict[str, float]]:
+    """The usage of the phases outside steps: (the starting version's validation, logged at
+    step 0 under the step metrics' names; the test evaluation, as ``test_<name>``)."""
+    initial = result.phase_usage.get("initial", {})
+    test = result.phase_usage.get("test", {})
+    return ({k: initial.get(k, 0.0) for k in layout.PHASE_USAGE_KEYS},
+            {layout.test_metric(k): test.get(k, 0.0) for k in layout.PHASE_USAGE_KEYS})

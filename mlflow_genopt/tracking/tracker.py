@@ -210,6 +210,10 @@ class MlflowTracker(LoopCallback):
         tags = store.with_context_tags(tags)  # user, source and git tags, as mlflow.start_run
         if attached is not None:
             self._run_id = attached.info.run_id
+            error = attached.data.tags.get(layout.TAG_ERROR)
+            if error is not None:  # a resumed run is no longer failing: keep the history visible
+                tags[layout.TAG_PREVIOUS_ERROR] = error
+                client.delete_tag(self._run_id, layout.TAG_ERROR)
             client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             if attached.info.status != "RUNNING":
                 client.update_run(self._run_id, status="RUNNING")
@@ -439,7 +443,10 @@ class MlflowTracker(LoopCallback):
         final: dict[str, Any] = records.totals_metrics(result.totals)
         if self._last_best is None or self._last_best != result.best_val_score:
             final[layout.METRIC_BEST_VAL_SCORE] = result.best_val_score
+        initial_usage, test_usage = records.phase_usage_metrics(result)
+        final.update(test_usage)
         self._add_metrics(final, step, timestamp)
+        self._add_metrics(initial_usage, 0, timestamp)
         self._log_metrics()
 
         self._write_files(records.result_files(result, self._model_ids, selected_model), None)

@@ -10,9 +10,9 @@ from how many the optimizer sees.
 
 from __future__ import annotations
 
-from mlflow_genopt.project import SimpleProject
+from mlflow_genopt.project import Project
 
-from .task import make_task, starting_artifacts
+from .task import OPTIONS, make_task, starting_artifacts
 
 DEFAULTS = {
     "task": "Pong",
@@ -30,14 +30,15 @@ DEFAULTS = {
 _STARTING = starting_artifacts()
 
 
-PROJECT = SimpleProject(
+PROJECT = Project(
     name="atari",
     description="Atari games (--task Pong, Breakout, SpaceInvaders, Asterix, Enduro, Freeway, Qbert, "
                 "Seaquest): policy programs; credit horizon and update frequency",
     starting_artifacts=_STARTING,
-    task_factory=make_task,
+    make_task=make_task,
     defaults=DEFAULTS,
-    uses_task_llm=False,
+    options=OPTIONS,
+    multi_step=True,
     # The study's Atari comparison: a one-step against a 100-step credit horizon.
     search_space={"credit_horizon": [1, 100]},
 )

@@ -17,10 +17,11 @@ Splits
   ``batch_size`` games instead, and each step's rollout continues its game from where the
   previous step's rollout of the then-current policy left it (a new episode after game over):
   one uninterrupted game played by a policy updated every ``H`` steps, as in the reference
-  study. The candidate of a step replays the same ``H`` steps from the same state, so the two
-  batch scores compare like for like. (This mode keeps state between ``evaluate`` calls: a
-  version the task has not seen before, made after step 0, is a step's candidate; any other is
-  the step's current version, whose call advances the games.)
+  study. A step's candidates replay the same ``H`` steps from the same state, so the batch
+  scores compare like for like; the games move on in the loop's episodic hook ``end_step``, from
+  where the rollouts of the version that played the step stopped (``Trial.carry``). Where the
+  games stand is the task's ``state_dict``, kept in every checkpoint, so a resumed loop continues
+  the same games.
 * ``val``: the full-episode evaluation, ``eval_episodes`` episodes of up to ``eval_max_steps``
   steps (the study: Pong 10 x 4000). The loop logs their mean return as ``val_score`` and the
   standard deviation as ``val_score_std``; also ``val_steps``, ``val_lives_lost``,
@@ -34,15 +35,16 @@ A trial's score is the game reward collected: the rollout's return (train) or th
 return (val, test). A policy that raises, overruns its per-call time limit
 (``call_timeout_s``), returns an invalid action or cannot be loaded ends its episode there and
 forfeits: the trial scores at most the game's worst return (Pong -21, else 0), so that crashing
-never pays. A training trial's feedback combines the rollout's return with the version's latest
-full-episode evaluation (mean and std), and shows the error with its traceback; its input is
-``{"seed", "horizon", "game_step"}`` and its output a summary (return, steps, lives lost, how it
-ended, how often each action was taken).
+never pays. A training trial's feedback gives the rollout's return and shows the error with its
+traceback; the loop appends the version's full-episode (validation) result
+(``feedback_notes``); its input is ``{"seed", "horizon", "game_step"}`` and its output a summary
+(return, steps, lives lost, how it ended, how often each action was taken).
 
 Execution and export
 --------------------
 Policies run only in sandboxed worker processes (:class:`~.policy_runner.PolicyRunner`); the
-full-episode evaluations are cached per (version content, seed), as they are deterministic.
+loop's evaluation cache keeps the deterministic trials (every trial but a ``continue_episode``
+rollout is a function of the version and the seed; those are keyed by the game's state too).
 ``export`` writes ``policy.py`` (the selected program), ``selected_policy.gif`` (the selected
 version playing its first evaluation episode: its recorded actions replayed in this process by a
 trusted emulator, no generated code involved) and ``selected_policy.json``.
@@ -50,17 +52,18 @@ trusted emulator, no generated code involved) and ``selected_policy.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mlflow_genopt.artifact import ArtifactVersion
-from mlflow_genopt.config import ConfigError, LoopConfig
-from mlflow_genopt.task import Example, TraceStep, Trial
+from mlflow_genopt.config import ConfigError, env_steps
+from mlflow_genopt.project import TaskOption, TaskSetup
+from mlflow_genopt.task import EvalContext, Example, TraceStep, Trial
 
 from .games import GAMES, GameSpec, get_game
 from .policies import ANY_GAME, StartingPolicy, all_starting_policies, planner_hint
@@ -69,25 +72,30 @@ from .policy_runner import EpisodeResult, PolicyRunner, RolloutConfig
 # The lowest return of a game: what a trial scores at most when the policy breaks.
 FORFEIT_RETURN = {"Pong": -21.0}
 
+def _positive(name: str, default: float, help: str) -> TaskOption:
+    return TaskOption(name, "float", default, help, minimum=0, exclusive_minimum=True)
+
+
 # Task options (``--option key=value``) and their defaults; ``None`` means "derived".
-OPTIONS: dict[str, Any] = {
-    "eval_episodes": 3,
-    "eval_max_steps": 2000,
-    "test_episodes": None,  # same as eval_episodes
-    "train_episodes": 8,
-    "continue_episode": False,
-    "noop_max": 30,
-    "repeat_action_probability": 0.0,
-    "frameskip": 4,
-    "call_timeout_s": 0.1,
-    "episode_timeout_s": 120.0,
-    "workers": None,  # min(max_workers, CPUs)
-    "split_seed": 0,
-    "max_items": 6,
-    "video_steps": 600,
-    "video_every": 2,
-    "video_fps": 15,
-}
+OPTIONS = (
+    TaskOption("eval_episodes", "int", 3, "full episodes per validation", minimum=1),
+    TaskOption("eval_max_steps", "int", 2000, "agent steps per full episode", minimum=1),
+    TaskOption("test_episodes", "int", None, "test episodes (default: eval_episodes)", minimum=0),
+    TaskOption("train_episodes", "int", 8, "training seeds (rollout examples)", minimum=1),
+    TaskOption("continue_episode", "bool", False, "training rollouts continue one game per batch member"),
+    TaskOption("noop_max", "int", 30, "random no-ops at reset", minimum=0),
+    TaskOption("repeat_action_probability", "float", 0.0, "sticky actions", minimum=0, maximum=1),
+    TaskOption("frameskip", "int", 4, "frames per agent step", minimum=1),
+    _positive("call_timeout_s", 0.1, "time limit of one policy call"),
+    _positive("episode_timeout_s", 120.0, "time limit of one episode"),
+    TaskOption("workers", "int", None, "sandboxed worker processes (default: min(max_workers, CPUs))",
+               minimum=1),
+    TaskOption("split_seed", "int", 0, "offset of every seed", minimum=0),
+    TaskOption("max_items", "int", 6, "objects of a list shown per observation", minimum=1),
+    TaskOption("video_steps", "int", 600, "agent steps in the exported GIF", minimum=1),
+    TaskOption("video_every", "int", 2, "frames per GIF frame", minimum=1),
+    TaskOption("video_fps", "int", 15, "GIF frame rate", minimum=1),
+)
 _TRAIN_SEED, _VAL_SEED, _TEST_SEED = 0, 10_000, 20_000
 _NEXT_EPISODE_SEED = 7_919  # continue_episode: the k-th new episode of a game adds k times this
 
@@ -100,7 +108,6 @@ class _Game:
     state: str | None = None  # where the next step's rollouts start (None: reset with ``seed``)
     game_step: int = 0  # agent steps played in this episode before ``state``
     episodes: int = 0
-    pending: tuple[str | None, int, int] | None = None  # (state, game_step, episodes) after this step
 
 
 class AtariTask:
@@ -169,10 +176,11 @@ class AtariTask:
         self._kind = {e.id: ("rollout" if split == "train" else "episode")
                       for split, examples in self._splits.items() for e in examples}
         self._games = {e.id: _Game(e.input["seed"]) for e in train}
-        self._seen_versions: set[str] = set()  # continue_episode: versions evaluated on train
-        self._episode_cache: dict[tuple[str, str], EpisodeResult] = {}
-        self._val_summary: dict[str, tuple[float, float, int, str | None]] = {}
         self.objective = self._objective()
+
+    multi_step = True
+    # the loop appends each training trial's version's full-episode (validation) result
+    feedback_notes = ("validation",)
 
     # --- Task protocol ----------------------------------------------------------------------
 
@@ -181,7 +189,8 @@ class AtariTask:
             raise ValueError(f"split: must be train, val or test, got {split!r}")
         return self._splits[split]
 
-    def evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]:
+    def evaluate(self, version: ArtifactVersion, examples: Sequence[Example],
+                 context: EvalContext | None = None) -> list[Trial]:
         unknown = [e.id for e in examples if e.id not in self._kind]
         if unknown:
             raise ValueError(f"examples {unknown[:3]} are not examples of task {self.name}")
@@ -190,10 +199,48 @@ class AtariTask:
         rollouts = [e for e in examples if self._kind[e.id] == "rollout"]
         episodes = [e for e in examples if self._kind[e.id] == "episode"]
         if rollouts:
-            trials.update(self._run_rollouts(version, program, rollouts))
+            trials.update(self._run_rollouts(program, rollouts))
         if episodes:
-            trials.update(self._run_episodes(version, program, episodes))
+            trials.update(self._run_episodes(program, episodes))
         return [trials[e.id] for e in examples]
+
+    # --- state across steps (continue_episode) -----------------------------------------------
+    def end_step(self, step: int, version: ArtifactVersion, trials: Sequence[Trial]) -> None:
+        """The episodic hook: the step's ``H`` environment steps were played by ``version``
+        (``trials`` are its rollouts); its games continue from where they stopped."""
+        if not self.continue_episode:
+            return
+        for trial in trials:
+            game = self._games.get(trial.example_id)
+            carry = trial.carry
+            if game is None or "episodes" not in carry:
+                continue
+            if carry["terminated"]:  # game over: the game goes on with a new episode
+                game.state, game.game_step, game.episodes = None, 0, carry["episodes"] + 1
+            elif carry["end_state"] is not None:  # else the worker died or the policy did not load
+                game.state = carry["end_state"]
+                game.game_step = carry["game_step"] + carry["steps"]
+                game.episodes = carry["episodes"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where every training game stands (``continue_episode``; empty otherwise)."""
+        if not self.continue_episode:
+            return {}
+        return {"games": {gid: {"seed": g.seed, "state": g.state, "game_step": g.game_step,
+                                "episodes": g.episodes} for gid, g in self._games.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for gid, game in (state or {}).get("games", {}).items():
+            if gid in self._games:
+                self._games[gid] = _Game(**game)
+
+    def trial_key(self, example: Example, context: EvalContext | None = None) -> str:
+        """A continue_episode rollout depends on where its game stands, not only on the seed."""
+        game = self._games.get(example.id) if self.continue_episode else None
+        if game is None:
+            return example.id
+        where = hashlib.sha256((game.state or "reset").encode()).hexdigest()[:16]
+        return f"{example.id}@{game.episodes}:{game.game_step}:{where}"
 
     def close(self) -> None:
         self._rollouts.close()
@@ -210,9 +257,7 @@ class AtariTask:
         (directory / "policy.py").write_text(program)
         try:
             example = (self._splits["val"] or self._splits["test"])[0]
-            episode = self._episode_cache.get((version.content_hash, example.id))
-            if episode is None:
-                [episode] = self._episodes.run(program, [example.input["seed"]])
+            [episode] = self._episodes.run(program, [example.input["seed"]])  # deterministic
             actions = episode.action_list[: self.video_steps]
             frames = write_gif(self.episode_config, episode.seed, actions, directory / "selected_policy.gif",
                                every=self.video_every, fps=self.video_fps)
@@ -263,36 +308,21 @@ class AtariTask:
 
     # --- rollouts (train) -------------------------------------------------------------------
 
-    def _run_rollouts(self, version: ArtifactVersion, program: str, examples: list[Example]) -> dict[str, Trial]:
+    def _run_rollouts(self, program: str, examples: list[Example]) -> dict[str, Trial]:
         games = [self._games[e.id] for e in examples]
-        # continue_episode: the step's current version (any version already seen, or the
-        # starting one) moves the games on; a step's candidate replays from the same states.
-        advancing = self.continue_episode and not (
-            version.step > 0 and version.version_id not in self._seen_versions)
-        if self.continue_episode:
-            self._seen_versions.add(version.version_id)
-            for game in games:
-                if advancing and game.pending is not None:
-                    game.state, game.game_step, game.episodes = game.pending
-                    game.pending = None
-        starts = [(game.state, game.game_step, game.episodes) for game in games]
-        seeds = [game.seed + episodes * _NEXT_EPISODE_SEED for game, (_, _, episodes) in zip(games, starts)]
-        results = self._rollouts.run(program, seeds, start_states=[state for state, _, _ in starts])
-        summary = self._val_summary.get(version.content_hash)
+        seeds = [game.seed + game.episodes * _NEXT_EPISODE_SEED for game in games]
+        results = self._rollouts.run(program, seeds, start_states=[game.state for game in games])
         trials = {}
-        for example, game, (_, game_step, episodes), result in zip(examples, games, starts, results):
-            if advancing:
-                if result.terminated:  # game over: the game goes on with a new episode
-                    game.pending = (None, 0, episodes + 1)
-                elif result.end_state is None:  # the worker died or the policy did not load: stay
-                    game.pending = (game.state, game_step, episodes)
-                else:
-                    game.pending = (result.end_state, game_step + result.steps, episodes)
-            trials[example.id] = self._rollout_trial(example, result, game_step, summary)
+        for example, game, result in zip(examples, games, results):
+            trial = self._rollout_trial(example, result, game.game_step)
+            if self.continue_episode:  # what end_step needs to move this game on
+                trial = replace(trial, carry={"end_state": result.end_state, "steps": result.steps,
+                                              "terminated": result.terminated,
+                                              "game_step": game.game_step, "episodes": game.episodes})
+            trials[example.id] = trial
         return trials
 
-    def _rollout_trial(self, example: Example, r: EpisodeResult, game_step: int,
-                       summary: tuple[float, float, int, str | None] | None) -> Trial:
+    def _rollout_trial(self, example: Example, r: EpisodeResult, game_step: int) -> Trial:
         score = self._score(r)
         names = self.game.action_meanings
         trace = tuple(
@@ -312,16 +342,6 @@ class AtariTask:
                  + (f", {r.lives_lost} li{'fe' if r.lives_lost == 1 else 'ves'} lost" if r.lives_lost else "")
                  + "."]
         lines += self._error_lines(r, score)
-        if summary is None:
-            lines.append("Full-episode evaluation of this version: not run yet (it runs when the "
-                         "version is adopted).")
-        else:
-            mean, std, n, first_error = summary
-            text = (f"Full-episode evaluation of this version: mean return {mean:g} (std {std:.3g}) over "
-                    f"{n} episodes of up to {self.eval_max_steps} steps.")
-            if first_error:
-                text += f" There it failed: {first_error}"
-            lines.append(text)
         output = {"return": r.episode_return, "steps": r.steps, "end": _ending(r),
                   "lives_lost": r.lives_lost,
                   "actions": dict(Counter(names[a] for a in r.action_list).most_common())}
@@ -338,16 +358,10 @@ class AtariTask:
 
     # --- full episodes (val, test) ----------------------------------------------------------
 
-    def _run_episodes(self, version: ArtifactVersion, program: str, examples: list[Example]) -> dict[str, Trial]:
-        key = version.content_hash
-        missing = [e for e in examples if (key, e.id) not in self._episode_cache]
-        if missing:
-            results = self._episodes.run(program, [e.input["seed"] for e in missing])
-            for example, result in zip(missing, results):
-                self._episode_cache[(key, example.id)] = result
+    def _run_episodes(self, program: str, examples: list[Example]) -> dict[str, Trial]:
+        results = self._episodes.run(program, [e.input["seed"] for e in examples])
         trials = {}
-        for example in examples:
-            r = self._episode_cache[(key, example.id)]
+        for example, r in zip(examples, results):
             score = self._score(r)
             lines = [r.feedback()] if r.ok else [r.feedback().split("\nERROR:")[0]] + self._error_lines(r, score)
             trials[example.id] = Trial(
@@ -361,14 +375,6 @@ class AtariTask:
                 metrics={"episode_return": r.episode_return, "steps": float(r.steps),
                          "lives_lost": float(r.lives_lost), "failed": 0.0 if r.ok else 1.0},
             )
-        val_ids = [e.id for e in self._splits["val"]]
-        if val_ids and all((key, i) in self._episode_cache for i in val_ids):
-            results = [self._episode_cache[(key, i)] for i in val_ids]
-            scores = [self._score(r) for r in results]
-            mean = sum(scores) / len(scores)
-            std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
-            first_error = next((r.error for r in results if r.error), None)
-            self._val_summary[key] = (mean, std, len(scores), first_error)
         return trials
 
     # --- shared -----------------------------------------------------------------------------
@@ -427,63 +433,19 @@ def _ending(r: EpisodeResult) -> str:
 
 # --- factory ---------------------------------------------------------------------------------
 
-_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-
-def _option(name: str, value: Any, default: Any) -> Any:
-    kind = type(default) if default is not None else int
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            return _BOOL_WORDS[str(value).strip().lower()]
-        if kind is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        return float(value)
-    except (KeyError, TypeError, ValueError):
-        expected = {bool: "true or false", int: "an integer", float: "a number"}[kind]
-        raise ConfigError(f"task_options.{name}: must be {expected}, got {value!r}") from None
-
-
-def make_task(config: LoopConfig, llm: Any = None) -> AtariTask:
-    """The task of ``config``: ``config.task`` names the game, ``config.init`` the starting policy
-    (``single``, ``modular``, or a game-specific ``<Game>.single`` / ``<Game>.modular``)."""
+def make_task(setup: TaskSetup) -> AtariTask:
+    """The task of ``setup.config``: ``config.task`` names the game, the starting artifact the
+    policy (``single``, ``modular``, or a game-specific ``<Game>.single`` / ``<Game>.modular``).
+    The training rollouts run ``env_steps(config)`` steps (a whole episode when unset)."""
+    config, settings = setup.config, dict(setup.options)
     try:
         game = get_game(config.task)
     except ValueError:
         raise ConfigError(f"task: unknown Atari game {config.task!r}; choose one of {', '.join(GAMES)}") from None
-    policies = all_starting_policies()
-    policy = policies.get(config.init)
-    if policy is None:
-        raise ConfigError(f"init: unknown starting artifact {config.init!r} for project atari; "
-                          f"choose one of {', '.join(policies)}")
-    if policy.game not in (ANY_GAME, game.name):
-        raise ConfigError(f"init: {config.init} is a starting artifact of {policy.game}, not of {game.name}; "
-                          f"use single, modular, {game.name}.single or {game.name}.modular")
-    # unset options arrive as "" or "none" from MLproject parameters
-    given = {k: v for k, v in dict(config.task_options).items()
-             if not (v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")))}
-    unknown = sorted(set(given) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"task_options.{unknown[0]}: unknown option for atari; known: {', '.join(OPTIONS)}")
-    options = {name: _option(name, value, OPTIONS[name]) for name, value in given.items()}
-    settings = {**{k: v for k, v in OPTIONS.items() if v is not None}, **options}
-    minimums = {"eval_episodes": 1, "eval_max_steps": 1, "test_episodes": 0, "train_episodes": 1, "noop_max": 0,
-                "frameskip": 1, "split_seed": 0, "max_items": 1, "video_steps": 1, "video_every": 1,
-                "video_fps": 1, "workers": 1}
-    for name, low in minimums.items():
-        if name in settings and settings[name] < low:
-            raise ConfigError(f"task_options.{name}: must be >= {low}, got {settings[name]!r}")
-    for name in ("call_timeout_s", "episode_timeout_s"):
-        if not settings[name] > 0:
-            raise ConfigError(f"task_options.{name}: must be > 0, got {settings[name]!r}")
-    if not 0.0 <= settings["repeat_action_probability"] <= 1.0:
-        raise ConfigError(f"task_options.repeat_action_probability: must be in [0, 1], "
-                          f"got {settings['repeat_action_probability']!r}")
-    settings.setdefault("workers", max(1, min(config.max_workers, os.cpu_count() or 1)))
-    horizon = config.update_every or config.credit_horizon or settings["eval_max_steps"]
+    policy = all_starting_policies()[setup.starting.name]
+    if settings["workers"] is None:
+        settings["workers"] = max(1, min(config.max_workers, os.cpu_count() or 1))
+    horizon = env_steps(config) or settings["eval_max_steps"]
     return AtariTask(game.name, policy, horizon=horizon, credit_horizon=config.credit_horizon,
                      batch_size=config.batch_size, **settings)
 
@@ -494,7 +456,8 @@ def starting_artifacts() -> Mapping[str, Any]:
 
     return {name: StartingArtifact(name, policy.description + ("" if policy.game == ANY_GAME else
                                                                f" ({policy.game} only)"),
-                                   policy.artifact_spec(), policy.values)
+                                   policy.artifact_spec(), policy.values,
+                                   tasks=None if policy.game == ANY_GAME else (policy.game,))
             for name, policy in all_starting_policies().items()}
 
 

@@ -4,13 +4,24 @@ Starting artifacts: ``prompt_only`` (the prompt is trainable, answer extraction 
 default and frozen) and ``prompt_and_extraction`` (both trainable).
 """
 
-from mlflow_genopt.project import SimpleProject, StartingArtifact
+from mlflow_genopt.project import Project, StartingArtifact, TaskOption
 
 from .task import DEFAULT_EXTRACTOR, DEFAULT_PROMPT, SPEC, BBEHTask, make_task
 
 _VALUES = {"prompt": DEFAULT_PROMPT, "extract_answer": DEFAULT_EXTRACTOR}
 
-PROJECT = SimpleProject(
+OPTIONS = (
+    TaskOption("data_dir", "str", help="a BBEH benchmark_tasks directory (else downloaded)"),
+    TaskOption("train_size", "int", 15, "training examples", minimum=1),
+    TaskOption("val_size", "int", 10, "validation examples", minimum=0),
+    TaskOption("test_size", "int", None, "test examples (default: the rest)", minimum=0),
+    TaskOption("split_seed", "int", 0, "seed of the train/val/test split", minimum=0),
+    TaskOption("answer_max_tokens", "int", 64, "answer budget of the task model", minimum=1),
+    TaskOption("extract_timeout_s", "float", 10.0, "time limit of extract_answer per batch",
+               minimum=0, exclusive_minimum=True),
+)
+
+PROJECT = Project(
     name="bbeh",
     description="BIG-Bench Extra Hard: optimize a prompt template and answer extraction",
     starting_artifacts={
@@ -23,12 +34,14 @@ PROJECT = SimpleProject(
             SPEC.with_trainable(("prompt", "extract_answer")), _VALUES,
         ),
     },
-    task_factory=make_task,
+    make_task=make_task,
     defaults={"task": "generated_boolean", "init": "prompt_only", "steps": 5,
               "batch_size": 3},
+    options=OPTIONS,
+    needs_task_llm=True,
     # The study's two choices for prompt optimization: the starting artifact and the experience
     # batch (1, 3, 5 trials per update). BBEH trials have no multi-step trace, so the credit
-    # horizon changes nothing here and is left out (add it with --param credit_horizon=...).
+    # horizon does not apply (the config refuses it).
     search_space={"init": ["prompt_only", "prompt_and_extraction"], "batch_size": [1, 3, 5]},
 )
 

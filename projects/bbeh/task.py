@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from mlflow_genopt.artifact import ArtifactSpec, ArtifactVersion, Parameter
-from mlflow_genopt.config import ConfigError, LoopConfig
+from mlflow_genopt.config import ConfigError
+from mlflow_genopt.project import TaskSetup
 from mlflow_genopt.llm.base import LLM, PromptTooLong
 from mlflow_genopt.sandbox import SandboxLimits, run_function
 from mlflow_genopt.task import Example, FixedSplits, Trial
@@ -139,16 +140,7 @@ class BBEHTask(FixedSplits):
         pass
 
 
-def make_task(config: LoopConfig, llm: LLM | None) -> BBEHTask:
-    if llm is None:
-        raise ConfigError("task_model: the BBEH project needs a task LLM")
-    options = dict(config.task_options)
-    known = {"data_dir", "train_size", "val_size", "test_size", "split_seed",
-             "answer_max_tokens", "extract_timeout_s"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(
-            f"task_options.{unknown[0]}: unknown option for bbeh; known: {', '.join(sorted(known))}"
-        )
-    return BBEHTask(config.task, llm, temperature=config.task_temperature,
+def make_task(setup: TaskSetup) -> BBEHTask:
+    config, options = setup.config, dict(setup.options)
+    return BBEHTask(config.task, setup.task_llm, temperature=config.task_temperature,
                     max_workers=config.max_workers, seed=config.seed, **options)

@@ -12,7 +12,7 @@ for splits, scores, feedback and the exported model.
 
 from __future__ import annotations
 
-from mlflow_genopt.project import SimpleProject, StartingArtifact
+from mlflow_genopt.project import Project, StartingArtifact
 
 from .artifacts import MANY_FUNCTION_SPEC, MANY_FUNCTION_VALUES, ONE_FUNCTION_SPEC, ONE_FUNCTION_VALUES
 
@@ -31,21 +31,27 @@ STARTING_ARTIFACTS = {
 }
 
 
-def make_task(config, llm=None):
-    """Task factory (``llm`` is unused: this project needs no task LLM)."""
+def make_task(setup):
+    """Task factory (imports pandas and scikit-learn on first use)."""
     from .task import make_task as build
 
-    return build(config, llm, {name: s.spec for name, s in STARTING_ARTIFACTS.items()})
+    return build(setup)
 
 
-PROJECT = SimpleProject(
+def _options():
+    from .task import OPTIONS
+
+    return OPTIONS
+
+
+PROJECT = Project(
     name="ml_pipeline",
     description="Tabular ML pipelines (Spaceship Titanic, House Prices, any CSV): one vs many trainable functions",
     starting_artifacts=STARTING_ARTIFACTS,
-    task_factory=make_task,
+    make_task=make_task,
     defaults={"task": "breast-cancer", "init": "one_function", "steps": 20, "batch_size": 1,
               "memory_size": 3, "acceptance": "improve", "optimizer_max_tokens": 2048},
-    uses_task_llm=False,
+    options=_options(),
     # The study's first finding is about the starting artifact; the batch is folds per update.
     search_space={"init": ["one_function", "many_function"], "batch_size": [1, 3, 5]},
 )

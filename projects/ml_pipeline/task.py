@@ -77,9 +77,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mlflow_genopt.artifact import ArtifactSpec, ArtifactVersion
-from mlflow_genopt.config import ConfigError, LoopConfig
+from mlflow_genopt.config import ConfigError
+from mlflow_genopt.project import TaskOption, TaskSetup
 from mlflow_genopt.sandbox import SandboxLimits, SandboxResult, run_function
-from mlflow_genopt.task import Example, FixedSplits, Trial
+from mlflow_genopt.task import EvalContext, Example, FixedSplits, Trial
 
 from .data import GENERIC_TASK, TASKS, TabularData, TaskDefinition, generic_definition, load_task_data
 from .metrics import METRICS, Metric, canonical_label, failure_floor, score_predictions
@@ -108,9 +109,25 @@ DIRECTIONS = (
     "combine complementary models (averaging or stacking) instead of replacing one",
 )
 
-OPTIONS = ("data_dir", "target", "metric", "id_column", "n_folds", "val_fraction",
-           "holdout_fraction", "split_seed", "max_train_rows", "timeout_s", "memory_mb",
-           "staged_feedback", "stage_thresholds", "improvement_feedback")
+OPTIONS = (
+    TaskOption("data_dir", "str", help="Kaggle or MLAgentBench layout directory, or the csv task's file"),
+    TaskOption("target", "str", help="csv task: the column to predict"),
+    TaskOption("metric", "str", help="primary metric (default: the task's)", choices=tuple(METRICS)),
+    TaskOption("id_column", "str", help="csv task: the identifier column"),
+    TaskOption("n_folds", "int", 5, "cross-validation folds (training examples)", minimum=2, maximum=50),
+    TaskOption("val_fraction", "float", 0.2, "share of labelled rows for validation", minimum=0.05,
+               maximum=0.5),
+    TaskOption("holdout_fraction", "float", 0.2, "internal test holdout where the source has no "
+               "test labels", minimum=0.0, maximum=0.5),
+    TaskOption("split_seed", "int", 0, "seed of the row split", minimum=0, maximum=2**32 - 1),
+    TaskOption("max_train_rows", "int", None, "seeded subsample of the labelled rows", minimum=20),
+    TaskOption("timeout_s", "float", 120.0, "wall clock per trial", minimum=1.0, maximum=86_400.0),
+    TaskOption("memory_mb", "int", 4096, "address space of a sandbox process", minimum=256,
+               maximum=1 << 20),
+    TaskOption("staged_feedback", "bool", True, "guidance by metric level"),
+    TaskOption("stage_thresholds", "str", None, "comma-separated levels of the primary metric"),
+    TaskOption("improvement_feedback", "bool", True, "compare each version with its parent"),
+)
 
 
 @dataclass(frozen=True)
@@ -163,18 +180,20 @@ class TabularTask(FixedSplits):
         self.metric: Metric = self._primary_metric(metric)
         self.report = (self.metric.name,) + tuple(m for m in definition.report if m != self.metric.name
                                                   and METRICS[m].problem_type == definition.problem_type)
-        self.timeout_s = _number("timeout_s", timeout_s, 1.0, 86_400.0)
-        self.memory_mb = int(_number("memory_mb", memory_mb, 256, 1 << 20))
-        self.staged_feedback = _flag("staged_feedback", staged_feedback)
-        self.improvement_feedback = _flag("improvement_feedback", improvement_feedback)
+        self.timeout_s = float(timeout_s)
+        self.memory_mb = int(memory_mb)
+        self.staged_feedback = bool(staged_feedback)
+        # "how this version compares with its parent" is the loop's history note (core)
+        self.feedback_notes = ("improvement",) if improvement_feedback else ()
+        self.improvement_directions = DIRECTIONS
 
-        split_seed = int(_number("split_seed", split_seed, 0, 2**32 - 1))
+        split_seed = int(split_seed)
         labeled = data.labeled
         target = definition.target
         if labeled[target].isna().any():
             labeled = labeled[labeled[target].notna()]
         if max_train_rows is not None:
-            rows = int(_number("max_train_rows", max_train_rows, 20, 1e12))
+            rows = int(max_train_rows)
             if rows < len(labeled):
                 labeled = labeled.sample(n=rows, random_state=split_seed)
         self.labeled = labeled.reset_index(drop=True)
@@ -189,9 +208,7 @@ class TabularTask(FixedSplits):
 
         rng = np.random.default_rng(split_seed)
         order = rng.permutation(len(self.labeled))
-        n_folds = int(_number("n_folds", n_folds, 2, 50))
-        val_fraction = _number("val_fraction", val_fraction, 0.05, 0.5)
-        holdout_fraction = _number("holdout_fraction", holdout_fraction, 0.0, 0.5)
+        n_folds, val_fraction, holdout_fraction = int(n_folds), float(val_fraction), float(holdout_fraction)
         self.test_file: Any = None  # rows to predict for the test example (no target)
         self.test_truth: Any = None
         if data.answers is not None:  # MLAgentBench: labelled test rows of its own
@@ -238,9 +255,6 @@ class TabularTask(FixedSplits):
         self.floor = failure_floor(self.metric, self.labeled[target])
         self.thresholds = self._thresholds(stage_thresholds)
         self.objective = self._objective(n_folds)
-        self._cache: dict[tuple[str, str], _Outcome] = {}
-        self._version_scores: dict[str, dict[str, float]] = {}
-        self._children: dict[str, list[str]] = {}
 
     # --- construction helpers -----------------------------------------------------------
     def _primary_metric(self, name: str | None) -> Metric:
@@ -305,28 +319,19 @@ class TabularTask(FixedSplits):
         self._splits[split].append(Example(example_id, description))
 
     # --- Task protocol ------------------------------------------------------------------
-    def evaluate(self, version: ArtifactVersion, examples: Sequence[Example]) -> list[Trial]:
+    def evaluate(self, version: ArtifactVersion, examples: Sequence[Example],
+                 context: EvalContext | None = None) -> list[Trial]:
         if not examples:
             return []
-        if version.parent_id is not None:
-            children = self._children.setdefault(version.parent_id, [])
-            if version.version_id not in children:
-                children.append(version.version_id)
-        missing = [e for e in examples if (version.content_hash, e.id) not in self._cache]
+        outcomes: dict[str, _Outcome] = {}
         for kind in ("cv", "val", "test"):
-            group = [e for e in missing if self._scopes[e.id].kind == kind]
+            group = [e for e in examples if self._scopes[e.id].kind == kind]
             if group:
-                for example, outcome in zip(group, self._run(version, group)):
-                    self._cache[(version.content_hash, example.id)] = outcome
-        trials = []
-        for example in examples:
-            outcome = self._cache[(version.content_hash, example.id)]
-            self._version_scores.setdefault(version.version_id, {})[example.id] = outcome.score
-            trials.append(self._trial(version, example, outcome))
-        return trials
+                outcomes.update((e.id, o) for e, o in zip(group, self._run(version, group)))
+        return [self._trial(example, outcomes[example.id]) for example in examples]
 
     def close(self) -> None:
-        self._cache.clear()
+        pass
 
     # --- running in the sandbox -----------------------------------------------------------
     def module_source(self, version: ArtifactVersion) -> str:
@@ -400,7 +405,7 @@ class TabularTask(FixedSplits):
                         timings=timings, predictions_head=list(predictions[:5]))
 
     # --- feedback -------------------------------------------------------------------------
-    def _trial(self, version: ArtifactVersion, example: Example, outcome: _Outcome) -> Trial:
+    def _trial(self, example: Example, outcome: _Outcome) -> Trial:
         what = example.input["resample"]
         lines = []
         if outcome.error is None:
@@ -411,8 +416,6 @@ class TabularTask(FixedSplits):
             lines.append(f"{what}: FAILED, score {outcome.score:.4f}. Error: {outcome.error}")
             if outcome.traceback:
                 lines.append(_tail(_without_harness_frames(outcome.traceback), 10, 900))
-        if self.improvement_feedback:
-            lines.extend(self._improvement(version, example, outcome))
         if self.staged_feedback and outcome.error is None:
             lines.append(self._stage(outcome))
         output: dict[str, Any] = {"metrics": outcome.metrics, "score": outcome.score}
@@ -436,37 +439,6 @@ class TabularTask(FixedSplits):
         if level >= 1 and self.definition.hints:
             text += " About this data: " + self.definition.hints
         return text
-
-    def _improvement(self, version: ArtifactVersion, example: Example, outcome: _Outcome) -> list[str]:
-        lines = []
-        parent = version.parent_id
-        parent_score = self._version_scores.get(parent, {}).get(example.id) if parent else None
-        if parent_score is not None:
-            delta = outcome.score - parent_score
-            if outcome.error is not None:
-                lines.append(f"No improvement: this version failed where its parent {parent} scored "
-                             f"{parent_score:.4f}; fix the error above or undo the change.")
-            elif delta > 1e-12:
-                lines.append(f"Improvement: +{delta:.4f} over its parent {parent} on these rows.")
-            else:
-                failed = len(self._failed_children(parent))
-                lines.append(f"No improvement: {delta:+.4f} against its parent {parent} on these rows; "
-                             f"the change did not help. Next, {DIRECTIONS[(failed - 1) % len(DIRECTIONS)]}.")
-        failed = self._failed_children(version.version_id)
-        if failed:
-            lines.append(f"{len(failed)} proposal(s) made from this version did not improve on it "
-                         f"({', '.join(failed[-3:])}). Next, {DIRECTIONS[len(failed) % len(DIRECTIONS)]}.")
-        return lines
-
-    def _failed_children(self, version_id: str) -> list[str]:
-        own = self._version_scores.get(version_id, {})
-        failed = []
-        for child in self._children.get(version_id, []):
-            scores = self._version_scores.get(child, {})
-            common = [e for e in scores if e in own]
-            if common and not any(scores[e] > own[e] + 1e-12 for e in common):
-                failed.append(child)
-        return failed
 
     # --- export ---------------------------------------------------------------------------
     def export(self, version: ArtifactVersion, directory: Path) -> None:
@@ -601,48 +573,21 @@ def _tail(text: str, lines: int, limit: int = 2000) -> str:
     return kept if len(kept) <= limit else "..." + kept[-limit:]
 
 
-def _number(name: str, value: Any, low: float, high: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"task_options.{name}: must be a number in [{low:g}, {high:g}], got {value!r}") from None
-    if isinstance(value, bool) or not low <= number <= high:
-        raise ConfigError(f"task_options.{name}: must be a number in [{low:g}, {high:g}], got {value!r}")
-    return number
-
-
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise ConfigError(f"task_options.{name}: must be true or false, got {value!r}")
-
-
-def make_task(config: LoopConfig, llm: Any, starting_specs: Mapping[str, ArtifactSpec]) -> TabularTask:
-    """The task of ``config`` (``config.task`` names a built-in task, or ``csv``)."""
-    # unset options may arrive as "" or "none" (MLproject parameters are always given)
-    options = {k: v for k, v in dict(config.task_options).items()
-               if not (v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")))}
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"task_options.{unknown[0]}: unknown option for ml_pipeline; known: {', '.join(OPTIONS)}")
+def make_task(setup: TaskSetup) -> TabularTask:
+    """The task of ``setup.config`` (``config.task`` names a built-in task, or ``csv``)."""
+    config, options = setup.config, dict(setup.options)
     if config.task == GENERIC_TASK:
         definition = generic_definition(options)
     elif config.task in TASKS:
         definition = TASKS[config.task]
         for key in ("target", "id_column"):
-            if key in options:
+            if options.get(key) is not None:
                 raise ConfigError(f"task_options.{key}: only the csv task takes it; {config.task} "
                                   f"predicts {definition.target}")
     else:
         raise ConfigError(f"task: unknown ml_pipeline task {config.task!r}; choose one of "
                           f"{', '.join(TASKS)}, {GENERIC_TASK}")
-    spec = starting_specs.get(config.init)
-    if spec is None:
-        raise ConfigError(f"init: unknown starting artifact {config.init!r} for project ml_pipeline; "
-                          f"choose one of {', '.join(starting_specs)}")
     data = load_task_data(definition, options.pop("data_dir", None))
     for key in ("target", "id_column"):
         options.pop(key, None)
-    return TabularTask(definition, data, spec, seed=config.seed, **options)
+    return TabularTask(definition, data, setup.starting.spec, seed=config.seed, **options)

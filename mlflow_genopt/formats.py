@@ -1,0 +1,318 @@
+"""Edit formats: how the optimizer writes a proposal (``LoopConfig.edit_format``).
+
+* ``json``: one JSON object, ``reasoning`` then each trainable parameter's complete new value as
+  a string. Constrained by a JSON schema where the backend can (llama.cpp grammars, endpoints'
+  ``response_format``). Every quote, backslash and newline of a code value must be escaped,
+  which small models often get wrong.
+* ``tagged``: the reasoning, then each parameter's complete new value in its own block between
+  ``<name>`` and ``</name>`` lines: no escaping at all, so code with quotes, backslashes,
+  triple-quoted docstrings and braces arrives as written. On llama.cpp a grammar fixes the
+  delimiters and leaves the content free (a content line may not start with ``</``).
+* ``diff``: SEARCH/REPLACE blocks applied to the current values (``<<<<<<< SEARCH name`` /
+  ``=======`` / ``>>>>>>> REPLACE``): only the lines that change are written. Matching is exact
+  first, then ignoring trailing whitespace, then ignoring indentation; a block that matches
+  nothing, or more than one place, is an invalid proposal whose reason quotes the nearest lines.
+  An empty SEARCH part replaces the whole value.
+
+Every format's instructions carry a worked example, ask for the complete source code of each
+function (never its description), and the answer is parsed into the new values of the trainable
+parameters it names (a parameter it leaves out keeps its current value).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .artifact import ArtifactSpec, ArtifactVersion, Parameter
+from .proposals import InvalidProposal, strip_fences, strip_think
+
+REASONING_CHARS = 600
+# llama.cpp compiles maxLength into one grammar rule per character and refuses grammars with
+# "too many rules" somewhere above ~1000, so longer limits are validated but not put in the schema.
+SCHEMA_MAX_LENGTH = 1000
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A parsed answer: the raw values it gives (by parameter name) and the reasoning."""
+
+    values: Mapping[str, str]
+    reasoning: str
+
+
+def _what(parameter: Parameter) -> str:
+    if parameter.kind == "code":
+        return f"the complete Python source code of the function `{parameter.expected_function}`"
+    return "the complete new prompt text"
+
+
+class EditFormat:
+    """One way of writing a proposal; subclasses define the four methods."""
+
+    name = ""
+    system = ""
+
+    def instructions(self, spec: ArtifactSpec) -> str:
+        raise NotImplementedError
+
+    def request(self, spec: ArtifactSpec) -> dict[str, Any]:
+        """Keyword arguments for ``LLM.complete`` (``json_schema`` or ``grammar``)."""
+        return {}
+
+    def parse(self, raw: str, spec: ArtifactSpec, current: ArtifactVersion) -> Answer:
+        raise NotImplementedError
+
+    def repair_hint(self) -> str:
+        return f"Answer again in the same format ({self.name}), with complete values."
+
+
+# --- json ------------------------------------------------------------------------------------
+class JsonFormat(EditFormat):
+    name = "json"
+    system = ("Answer with one JSON object only: a short `reasoning` string, then one string per "
+              "trainable parameter holding its complete new value.")
+
+    def request(self, spec: ArtifactSpec) -> dict[str, Any]:
+        return {"json_schema": proposal_schema(spec)}
+
+    def instructions(self, spec: ArtifactSpec) -> str:
+        names = ", ".join(f'"{p.name}"' for p in spec.trainable)
+        lines = [f'Return one JSON object with the keys "reasoning" and {names}. "reasoning" is at '
+                 "most three sentences of diagnosis. Each parameter's value is a JSON string "
+                 "holding its complete new value (not a diff, not a description): "]
+        lines += [f"- \"{p.name}\": {_what(p)}" for p in spec.trainable]
+        lines.append("Escape quotes as \\\" and newlines as \\n inside the strings. Example for a "
+                     "parameter named greet:\n"
+                     '{"reasoning": "The greeting ignored the name.", "greet": "def greet(name):\\n'
+                     '    return f\\"Hello, {name}!\\"\\n"}')
+        return "\n".join(lines)
+
+    def parse(self, raw: str, spec: ArtifactSpec, current: ArtifactVersion) -> Answer:
+        data = _load_json_object(strip_think(raw))
+        reasoning = data.get("reasoning", "")
+        reasoning = reasoning if isinstance(reasoning, str) else json.dumps(reasoning, default=str)
+        return Answer({p.name: data[p.name] for p in spec.trainable if p.name in data}, reasoning.strip())
+
+
+def proposal_schema(spec: ArtifactSpec) -> dict[str, Any]:
+    """JSON schema of a ``json`` answer: ``reasoning`` plus one string per trainable parameter."""
+    properties: dict[str, Any] = {"reasoning": {"type": "string", "maxLength": REASONING_CHARS}}
+    for parameter in spec.trainable:
+        properties[parameter.name] = {"type": "string", "minLength": 1}
+        if parameter.length_limit <= SCHEMA_MAX_LENGTH:
+            properties[parameter.name]["maxLength"] = parameter.length_limit
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": ["reasoning", *[p.name for p in spec.trainable]],
+        "additionalProperties": False,
+    }
+
+
+def _load_json_object(raw: str) -> dict[str, Any]:
+    text = strip_fences(raw.strip())
+    try:
+        data = json.loads(text, strict=False)  # small models emit raw control chars in strings
+    except RecursionError:
+        raise InvalidProposal("answer is not usable JSON (nested too deeply)") from None
+    except json.JSONDecodeError as first_error:
+        start, end = text.find("{"), text.rfind("}")
+        if start == -1 or end <= start:
+            raise InvalidProposal(f"answer is not JSON ({first_error.msg} at char {first_error.pos})",
+                                  _excerpt(text, first_error.pos))
+        try:
+            data = json.loads(text[start: end + 1], strict=False)
+        except RecursionError:
+            raise InvalidProposal("answer is not usable JSON (nested too deeply)") from None
+        except json.JSONDecodeError as exc:
+            raise InvalidProposal(f"answer is not JSON ({exc.msg} at char {exc.pos})",
+                                  _excerpt(text[start:], exc.pos)) from None
+    if not isinstance(data, dict):
+        raise InvalidProposal(f"answer is JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def _excerpt(text: str, pos: int, width: int = 80) -> str:
+    return f"...{text[max(pos - width, 0):pos]}<<HERE>>{text[pos:pos + 20]}..."
+
+
+# --- tagged ----------------------------------------------------------------------------------
+class TaggedFormat(EditFormat):
+    name = "tagged"
+    system = ("Answer in plain text blocks: first <reasoning> ... </reasoning>, then for each "
+              "trainable parameter its complete new value between <name> and </name> lines. No "
+              "JSON, no escaping.")
+
+    def request(self, spec: ArtifactSpec) -> dict[str, Any]:
+        return {"grammar": tagged_grammar(spec)}
+
+    def instructions(self, spec: ArtifactSpec) -> str:
+        blocks = "\n".join(f"<{p.name}>\n({_what(p)})\n</{p.name}>" for p in spec.trainable)
+        return (
+            "Write your answer in exactly this layout, each tag on its own line:\n"
+            f"<reasoning>\n(at most three sentences: what went wrong and what you change)\n"
+            f"</reasoning>\n{blocks}\n"
+            "Write each value as it is, with no escaping and no markdown fences. A value is the "
+            "complete new value, never a diff and never the parameter's description.\n"
+            "Example, for a function parameter named greet:\n"
+            "<reasoning>\nThe greeting ignored the name.\n</reasoning>\n<greet>\ndef greet(name):\n"
+            "    \"\"\"Say hello to someone.\"\"\"\n    return f\"Hello, {name}!\"\n</greet>"
+        )
+
+    def parse(self, raw: str, spec: ArtifactSpec, current: ArtifactVersion) -> Answer:
+        text = strip_think(raw)
+        values = {}
+        for parameter in spec.trainable:
+            block = _block(text, parameter.name)
+            if block is not None:
+                values[parameter.name] = block
+        reasoning = _block(text, "reasoning") or ""
+        if not values:
+            tags = ", ".join(f"<{p.name}>...</{p.name}>" for p in spec.trainable)
+            raise InvalidProposal(f"answer has no block {tags}", text[:200])
+        return Answer(values, reasoning.strip()[:REASONING_CHARS])
+
+
+def _block(text: str, name: str) -> str | None:
+    """The content between a ``<name>`` line and the next ``</name>`` (at a line start, or the
+    end of the text when the model stopped before closing it)."""
+    opening = re.search(rf"(?m)^[ \t]*<{re.escape(name)}>[ \t]*\n?", text)
+    if opening is None:
+        return None
+    closing = re.compile(rf"(?m)^[ \t]*</{re.escape(name)}>")
+    end = closing.search(text, opening.end())
+    if end is None:
+        inline = text.find(f"</{name}>", opening.end())
+        end_pos = inline if inline != -1 else len(text)
+    else:
+        end_pos = end.start()
+    return text[opening.end():end_pos].rstrip("\n")
+
+
+def tagged_grammar(spec: ArtifactSpec) -> str:
+    """A GBNF grammar for ``tagged`` answers: fixed delimiters, free content lines (a content
+    line may not start with ``</``)."""
+    rules = ['root ::= "<reasoning>\\n" body "</reasoning>\\n" '
+             + " ".join(f"p{i}" for i in range(len(spec.trainable)))]
+    for i, parameter in enumerate(spec.trainable):
+        rules.append(f'p{i} ::= "<{parameter.name}>\\n" body "</{parameter.name}>" "\\n"?')
+    rules.append("body ::= line*")
+    rules.append('line ::= ( [^<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? )? "\\n"')
+    return "\n".join(rules) + "\n"
+
+
+# --- diff ------------------------------------------------------------------------------------
+_BLOCK = re.compile(
+    r"^<{5,9} ?SEARCH[ \t]*(?P<name>[A-Za-z_]\w*)?[ \t]*\n(?P<search>.*?)^={5,9}[ \t]*\n"
+    r"(?P<replace>.*?)^>{5,9} ?REPLACE[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
+class DiffFormat(EditFormat):
+    name = "diff"
+    system = ("Answer with a short <reasoning> block, then SEARCH/REPLACE blocks that edit the "
+              "current values: only the lines that change.")
+
+    def request(self, spec: ArtifactSpec) -> dict[str, Any]:
+        return {"grammar": diff_grammar(spec)}
+
+    def instructions(self, spec: ArtifactSpec) -> str:
+        names = ", ".join(p.name for p in spec.trainable)
+        return (
+            "Write <reasoning>\n(at most three sentences)\n</reasoning>, then one or more edit "
+            "blocks, each naming the parameter it edits (" + names + "):\n"
+            "<<<<<<< SEARCH name\n(lines copied exactly from the current value)\n=======\n"
+            "(the lines that replace them)\n>>>>>>> REPLACE\n"
+            "The SEARCH lines must appear in the current value exactly once; copy enough lines "
+            "to be unique. An empty SEARCH part replaces the whole value. Write code, not "
+            "descriptions; no markdown fences.\nExample, for a function parameter named greet:\n"
+            "<reasoning>\nThe greeting ignored the name.\n</reasoning>\n<<<<<<< SEARCH greet\n"
+            "    return \"Hello!\"\n=======\n    return f\"Hello, {name}!\"\n>>>>>>> REPLACE"
+        )
+
+    def parse(self, raw: str, spec: ArtifactSpec, current: ArtifactVersion) -> Answer:
+        text = strip_think(raw)
+        blocks = list(_BLOCK.finditer(text))
+        if not blocks:
+            raise InvalidProposal("answer has no SEARCH/REPLACE block "
+                                  "(<<<<<<< SEARCH name / ======= / >>>>>>> REPLACE)", text[:200])
+        trainable = {p.name for p in spec.trainable}
+        only = next(iter(trainable)) if len(trainable) == 1 else None
+        values = {p.name: current.values[p.name] for p in spec.trainable}
+        edited: set[str] = set()
+        for number, block in enumerate(blocks, 1):
+            name = block.group("name") or only
+            if name not in trainable:
+                raise InvalidProposal(
+                    f"edit block {number} names {block.group('name') or 'no parameter'}; edit one of "
+                    f"{', '.join(sorted(trainable))}")
+            search, replacement = block.group("search"), block.group("replace")
+            values[name] = apply_edit(values[name], search, replacement, name, number)
+            edited.add(name)
+        reasoning = _block(text, "reasoning") or ""
+        return Answer({name: values[name] for name in edited}, reasoning.strip()[:REASONING_CHARS])
+
+
+def apply_edit(value: str, search: str, replacement: str, name: str, number: int) -> str:
+    """``value`` with the lines ``search`` replaced by ``replacement`` (see the module docstring
+    for the matching rules)."""
+    if not search.strip():
+        return replacement.rstrip("\n")
+    lines = value.splitlines()
+    wanted = search.rstrip("\n").splitlines()
+    new = replacement.rstrip("\n").splitlines() if replacement.strip() else []
+    for key in (lambda s: s, str.rstrip, str.strip):
+        target = [key(s) for s in wanted]
+        hits = [i for i in range(len(lines) - len(target) + 1)
+                if [key(s) for s in lines[i:i + len(target)]] == target]
+        if len(hits) == 1:
+            i = hits[0]
+            trailing = "\n" if value.endswith("\n") else ""
+            return "\n".join(lines[:i] + new + lines[i + len(target):]) + trailing
+        if len(hits) > 1:
+            raise InvalidProposal(f"{name}: SEARCH block {number} matches {len(hits)} places; copy more "
+                                  "lines so that it matches one")
+    raise InvalidProposal(f"{name}: SEARCH block {number} matches nothing in the current value",
+                          "the nearest lines of the current value:\n" + _nearest(lines, wanted))
+
+
+def _nearest(lines: list[str], wanted: list[str]) -> str:
+    size = max(len(wanted), 1)
+    best, where = -1.0, 0
+    needle = "\n".join(s.strip() for s in wanted)
+    for i in range(max(len(lines) - size + 1, 1)):
+        ratio = difflib.SequenceMatcher(None, needle, "\n".join(s.strip() for s in lines[i:i + size])).ratio()
+        if ratio > best:
+            best, where = ratio, i
+    return "\n".join(lines[where:where + size])
+
+
+def diff_grammar(spec: ArtifactSpec) -> str:
+    """A GBNF grammar for ``diff`` answers: a reasoning block, then edit blocks whose header names
+    a trainable parameter (content lines may not start with ``=======`` or ``>>>>>>>``)."""
+    names = " | ".join(f'"{p.name}"' for p in spec.trainable)
+    return "\n".join([
+        'root ::= "<reasoning>\\n" body "</reasoning>\\n" edit+',
+        f'edit ::= "<<<<<<< SEARCH " ( {names} ) "\\n" dline* "=======\\n" dline* ">>>>>>> REPLACE\\n"',
+        "body ::= line*",
+        'line ::= ( [^<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? )? "\\n"',
+        'dline ::= ( [^=>\\n] [^\\n]* | "=" [^=\\n] [^\\n]* | ">" [^>\\n] [^\\n]* )? "\\n"',
+    ]) + "\n"
+
+
+FORMATS: dict[str, type[EditFormat]] = {"json": JsonFormat, "tagged": TaggedFormat, "diff": DiffFormat}
+
+
+def make_format(name: str) -> EditFormat:
+    try:
+        return FORMATS[name]()
+    except KeyError:
+        raise ValueError(f"edit_format: must be one of {', '.join(FORMATS)}, got {name!r}") from None
+
+
+__all__ = ["Answer", "DiffFormat", "EditFormat", "FORMATS", "JsonFormat", "SCHEMA_MAX_LENGTH",
+           "TaggedFormat", "apply_edit", "diff_grammar", "make_format", "proposal_schema",
+           "tagged_grammar"]

@@ -1,0 +1,216 @@
+"""Learning mechanics: edit formats, repair, duplicates, ties, candidates, selection, cache."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from mlflow_genopt import ArtifactSpec, ArtifactVersion, LoopConfig, Parameter, Trial
+from mlflow_genopt.formats import DiffFormat, JsonFormat, TaggedFormat, apply_edit
+from mlflow_genopt.history import History
+from mlflow_genopt.llm.base import Completion
+from mlflow_genopt.llm.scripted import ScriptedLLM
+from mlflow_genopt.loop import accept
+from mlflow_genopt.optimizer import Optimizer
+from mlflow_genopt.proposals import InvalidProposal, validate_value
+from mlflow_genopt.selection import pareto_frontier, select_parent
+
+from test_loop import make_loop
+from toy import WordTask, answer
+
+CODE = Parameter("train_model", "code", "fit and return a model")
+PROMPT = Parameter("prompt", "prompt", "the template", placeholders=("{question}",))
+SPEC = ArtifactSpec((CODE,))
+HARD = '''def train_model(dataset):
+    """Fit a "robust" model: quotes ' and \\" and \\\\ backslashes, {braces} and f-strings."""
+    pattern = r"\\d+\\.\\d*"
+    text = f"{dataset!r} {{literal}}"
+    return {"pattern": pattern, "text": text}
+'''
+CURRENT = ArtifactVersion({"train_model": "def train_model(dataset):\n    return 1\n"}, 0)
+
+
+# --- edit formats ----------------------------------------------------------------------------
+def test_tagged_answers_carry_code_with_quotes_backslashes_docstrings_and_braces_verbatim():
+    raw = f"<reasoning>\nMore robust.\n</reasoning>\n<train_model>\n{HARD}</train_model>\n"
+    parsed = TaggedFormat().parse(raw, SPEC, CURRENT)
+    assert parsed.values["train_model"].rstrip("\n") == HARD.rstrip("\n")
+    assert parsed.reasoning == "More robust."
+    value, repairs = validate_value(CODE, parsed.values["train_model"])
+    assert value == HARD.rstrip("\n") and repairs == ()
+    fenced = raw.replace("<train_model>\n", "<train_model>\n```python\n").replace("</train_model>", "```\n</train_model>")
+    assert validate_value(CODE, TaggedFormat().parse(fenced, SPEC, CURRENT).values["train_model"])[0] == HARD.rstrip("\n")
+    thinking = "<think>\nlet me see <train_model> no\n</think>\n" + raw
+    assert TaggedFormat().parse(thinking, SPEC, CURRENT).values["train_model"].rstrip() == HARD.rstrip()
+
+
+def test_json_answers_survive_the_same_code_when_escaped_and_fail_with_the_place_when_not():
+    good = json.dumps({"reasoning": "r", "train_model": HARD})
+    assert JsonFormat().parse(good, SPEC, CURRENT).values["train_model"] == HARD
+    broken = '{"reasoning": "r", "train_model": "def train_model(d):\n    return "x"\n"}'
+    with pytest.raises(InvalidProposal) as info:
+        JsonFormat().parse(broken, SPEC, CURRENT)
+    assert str(info.value).startswith("answer is not JSON") and "<<HERE>>" in info.value.detail
+
+
+def test_diff_edits_apply_with_whitespace_tolerance_and_quote_the_nearest_lines_when_they_miss():
+    current = "def f(x):\n    y = x + 1\n    return y\n"
+    assert apply_edit(current, "    y = x + 1\n", "    y = x + 2\n", "f", 1) == "def f(x):\n    y = x + 2\n    return y\n"
+    assert apply_edit(current, "y = x + 1   \n", "    y = x * 3\n", "f", 1).splitlines()[1] == "    y = x * 3"
+    assert apply_edit(current, "", "def f(x):\n    return 0\n", "f", 1) == "def f(x):\n    return 0"
+    with pytest.raises(InvalidProposal) as info:
+        apply_edit(current, "    z = x - 1\n", "    z = 0\n", "f", 1)
+    assert "matches nothing" in str(info.value) and "y = x + 1" in info.value.detail
+    with pytest.raises(InvalidProposal, match="matches 2 places"):
+        apply_edit("a\nb\na\n", "a\n", "c\n", "f", 1)
+    spec = ArtifactSpec((Parameter("f", "code", "f"),))
+    raw = "<reasoning>\nadd two\n</reasoning>\n<<<<<<< SEARCH f\n    y = x + 1\n=======\n    y = x + 2\n>>>>>>> REPLACE\n"
+    parsed = DiffFormat().parse(raw, spec, ArtifactVersion({"f": current}, 0))
+    assert parsed.values == {"f": "def f(x):\n    y = x + 2\n    return y\n"} and parsed.reasoning == "add two"
+
+
+def test_every_format_asks_for_code_with_a_worked_example_and_constrains_the_llm():
+    for fmt in (JsonFormat(), TaggedFormat(), DiffFormat()):
+        text = fmt.instructions(SPEC)
+        assert "Example" in text and "greet" in text and "description" in text
+    assert "json_schema" in JsonFormat().request(SPEC)
+    grammar = TaggedFormat().request(SPEC)["grammar"]
+    assert '"<train_model>\\n"' in grammar and "root ::=" in grammar
+    assert '"<<<<<<< SEARCH "' in DiffFormat().request(SPEC)["grammar"]
+
+
+# --- prompt placeholders ---------------------------------------------------------------------
+def test_a_prompt_without_its_input_gets_it_appended_and_unknown_placeholders_are_refused():
+    value, repairs = validate_value(PROMPT, "Think step by step.")
+    assert value == "Think step by step.\n\n{question}" and repairs
+    assert validate_value(PROMPT, "Q: {question}\nA:") == ("Q: {question}\nA:", ())
+    with pytest.raises(InvalidProposal, match=r"unknown placeholder\(s\) \{answer\}"):
+        validate_value(PROMPT, "{question} {answer}")
+    assert validate_value(PROMPT, 'Reply as JSON {"a": 1}. {question}')[1] == ()  # not a placeholder
+    mlflow_style = Parameter("p", "prompt", "t", placeholders=("{{ question }}",))
+    assert validate_value(mlflow_style, "Hi {{question}}")[1] == ()
+    with pytest.raises(InvalidProposal, match="unknown placeholder"):
+        validate_value(mlflow_style, "Hi {{question}} {{tone}}")
+
+
+# --- repair ----------------------------------------------------------------------------------
+def test_an_invalid_answer_goes_back_with_its_reason_and_the_offending_lines():
+    broken = "<reasoning>\nfix\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    return (1\n</train_model>"
+    fixed = "<reasoning>\nfix\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    return 2\n</train_model>"
+    llm = ScriptedLLM([broken, fixed])
+    optimizer = Optimizer(llm, edit_format="tagged", repair_attempts=2)
+    [proposal] = optimizer.propose_candidates([{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[1])
+    assert proposal.valid and proposal.values["train_model"].endswith("return 2")
+    first, second = proposal.attempts
+    assert first.invalid_reason.startswith("train_model: SyntaxError at line 2") and second.invalid_reason is None
+    followup = llm.calls[1]["messages"]
+    assert followup[0]["content"] == "ctx" and followup[1] == {"role": "assistant", "content": broken}
+    assert "could not be used: train_model: SyntaxError" in followup[2]["content"]
+    assert ">    2 |     return (1" in followup[2]["content"]
+    assert llm.calls[1]["grammar"] == llm.calls[0]["grammar"] is not None
+
+
+def test_an_answer_cut_at_the_token_limit_is_never_adopted():
+    class Cut(ScriptedLLM):
+        def complete(self, messages, **kwargs):
+            done = super().complete(messages, **kwargs)
+            return Completion(done.text, "cut", finish_reason="length")
+
+    whole = "<reasoning>\nr\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    return 3\n</train_model>"
+    optimizer = Optimizer(Cut([whole, whole]), edit_format="tagged", repair_attempts=1)
+    [proposal] = optimizer.propose_candidates([{"role": "user", "content": "c"}], SPEC, CURRENT, seeds=[0])
+    assert not proposal.valid and "cut at the token limit" in proposal.invalid_reason
+    assert len(proposal.attempts) == 2
+
+
+def test_a_proposal_equal_to_any_evaluated_version_is_refused_and_reasked_not_rescored():
+    # the loop proposes alpha (accepted), then bravo (rejected), then alpha again twice
+    loop, task, llm = make_loop([answer("india"), answer("start"), answer("india"), answer("kilo")],
+                                steps=2, repair_attempts=2, acceptance="always")
+    result = loop.run()
+    second = result.steps[1]
+    assert second.valid and second.proposal == {"prompt": "kilo"}
+    reasons = [a.invalid_reason for a in second.candidates[0].attempts]
+    assert reasons[0].startswith("proposal is identical to v0-") and "initial at step 0" in reasons[0]
+    assert reasons[1].startswith("proposal is identical to the current version v1-") and reasons[2] is None
+    pairs = [(vid, example) for vid, ids in task.calls for example in ids]
+    assert len(pairs) == len(set(pairs))  # no version is evaluated twice on the same example
+
+
+# --- acceptance ties ---------------------------------------------------------------------------
+def test_the_tie_rule_and_the_margin():
+    assert not accept("improve", 0.5, 0.5) and accept("improve", 0.51, 0.5)
+    assert accept("no_worse", 0.5, 0.5) and not accept("no_worse", 0.49, 0.5)
+    assert not accept("improve", 0.55, 0.5, margin=0.1) and accept("no_worse", 0.45, 0.5, margin=0.1)
+    assert accept("always", 0.0, 1.0)
+
+
+# --- several candidates per step -------------------------------------------------------------
+def test_k_candidates_are_all_versions_and_the_best_on_the_batch_goes_through_acceptance():
+    words = WordTask(train=["alpha", "bravo"], val=["alpha", "bravo"], test=["alpha"])
+    loop, task, llm = make_loop([answer("alpha"), answer("alpha bravo"), answer("nothing")],
+                                task=words, steps=1, candidates_per_step=3, acceptance="improve")
+    result = loop.run()
+    [step] = result.steps
+    # (a list-scripted LLM hands answers out in the order the concurrent calls arrive)
+    scores = {c.index: c.batch_score for c in step.candidates}
+    assert sorted(scores.values()) == [0.0, 0.5, 1.0]
+    best = max(scores, key=scores.get)
+    assert step.candidate_id == step.candidates[best].version_id and step.accepted
+    statuses = sorted((v.status, v.candidate == best) for v in result.versions[1:])
+    assert statuses == [("accepted", True), ("rejected", False), ("rejected", False)]
+    assert len({c["seed"] for c in llm.calls}) == 3  # distinct seeds
+    assert all(v.version.parent_id == result.versions[0].version.version_id for v in result.versions[1:])
+
+
+# --- selection -------------------------------------------------------------------------------
+def _validated(history, version_id, scores):
+    version = ArtifactVersion({"p": version_id}, 1)
+    history.record(version, [Trial(e, e, "", s, "") for e, s in scores.items()], validation=True)
+    return version
+
+
+def test_pareto_frontier_and_selection_by_coverage():
+    history = History()
+    a = _validated(history, "a", {"e1": 1.0, "e2": 0.0, "e3": 0.0})
+    b = _validated(history, "b", {"e1": 0.0, "e2": 1.0, "e3": 1.0})
+    c = _validated(history, "c", {"e1": 0.5, "e2": 0.5, "e3": 0.5})
+    assert pareto_frontier([a, b, c], history) == {a.version_id: 1, b.version_id: 2}
+    picks = [select_parent("pareto", current=c, best=b, adopted=[a, b, c], history=history,
+                           rng=random.Random(seed)).version_id for seed in range(200)]
+    assert set(picks) == {a.version_id, b.version_id} and 0.55 < picks.count(b.version_id) / 200 < 0.8
+    assert select_parent("best", current=c, best=b, adopted=[a, b, c], history=history, rng=random.Random()) is b
+    assert select_parent("current", current=c, best=b, adopted=[a, b, c], history=history, rng=random.Random()) is c
+
+
+def test_selection_best_improves_the_best_version_after_a_worse_one_was_adopted():
+    loop, _, _ = make_loop([answer("india juliet kilo"), answer("alpha"), answer("india lima")],
+                           steps=3, selection="best", acceptance="always")
+    result = loop.run()
+    assert [s.selection for s in result.steps] == ["best"] * 3
+    best_after_1 = result.steps[0].candidate_id
+    assert result.steps[2].current_id == best_after_1  # step 2 adopted "alpha", step 3 improves the best
+
+
+# --- evaluation cache --------------------------------------------------------------------------
+def test_unchanged_versions_are_not_evaluated_again_and_resume_hits_the_disk_cache(tmp_path):
+    from mlflow_genopt.evaluation import EvalCache, Evaluator
+
+    config = LoopConfig(project="toy", seed=0)
+    task = WordTask()
+    version = ArtifactVersion({"prompt": "alpha"}, 0)
+    cache = EvalCache(tmp_path)
+    evaluate = Evaluator(task, config, History(), cache)
+    first = evaluate(version, task.examples("train")[:3], "batch", 1)
+    again = evaluate(version, task.examples("train")[:4], "batch", 2)
+    assert [t.score for t in again[:3]] == [t.score for t in first] and evaluate.cache_hits == 3
+    assert [ids for _, ids in task.calls] == [tuple(e.id for e in task.examples("train")[:3]),
+                                               (task.examples("train")[3].id,)]
+    fresh_task = WordTask()  # a new process: the disk cache answers
+    Evaluator(fresh_task, config, History(), EvalCache(tmp_path))(version, task.examples("train")[:4], "batch", 1)
+    assert fresh_task.calls == []
+    other = Evaluator(WordTask(), config.replace(seed=1), History(), EvalCache(tmp_path))
+    other(version, task.examples("train")[:1], "batch", 1)
+    assert other.task.calls  # another task fingerprint: evaluated
