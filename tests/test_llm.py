@@ -150,6 +150,7 @@ def test_scripted_answers_in_order_records_calls_and_runs_out() -> None:
     assert llm.calls[0] == {
         "messages": MESSAGES,
         "json_schema": schema,
+        "grammar": None,
         "temperature": 0.3,
         "max_tokens": 512,
         "seed": 7,
