@@ -98,8 +98,8 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "memory_size": 3,
     "acceptance": "improve",
     "acceptance_margin": 0.0,
-    "edit_format": "json",
-    "repair_attempts": 0,
+    "edit_format": "tagged",
+    "repair_attempts": 2,
     "candidates_per_step": 1,
     "selection": "current",
     "revert_ratio": None,
@@ -149,10 +149,11 @@ class LoopConfig:
         ``acceptance_margin``; a tie is rejected) or ``no_worse`` (it may be lower by at most
         ``acceptance_margin``; a tie is accepted).
     How the optimizer answers and what it improves
-        ``edit_format``: ``json`` (complete values in one JSON object), ``tagged`` (complete
-        values in delimited blocks, no escaping) or ``diff`` (SEARCH/REPLACE edits of the
-        current values). ``repair_attempts``: how often an invalid answer is sent back with its
-        reason before the candidate counts as invalid. ``candidates_per_step``: candidates drawn
+        ``edit_format``: ``tagged`` (default: complete values in delimited blocks, no
+        escaping; an answer in another known format is still understood and the repair noted),
+        ``json`` (complete values in one JSON object) or ``diff`` (SEARCH/REPLACE edits of the
+        current values). ``repair_attempts`` (default 2): how often an invalid answer is sent
+        back with its reason before the candidate counts as invalid. ``candidates_per_step``: candidates drawn
         per step; each valid one is scored on the batch and the best goes through acceptance.
         ``selection``: which adopted version a step improves: ``current`` (the latest), ``best``
         (best validation score) or ``pareto`` (drawn from the per-example Pareto frontier).

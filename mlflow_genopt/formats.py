@@ -306,6 +306,28 @@ def diff_grammar(spec: ArtifactSpec) -> str:
 FORMATS: dict[str, type[EditFormat]] = {"json": JsonFormat, "tagged": TaggedFormat, "diff": DiffFormat}
 
 
+def parse_answer(fmt: EditFormat, raw: str, spec: ArtifactSpec,
+                 current: ArtifactVersion) -> tuple[Answer, str | None]:
+    """Parse ``raw`` in ``fmt``; when that fails, in the other formats (small models often answer
+    in the layout they know best, e.g. JSON when tags were asked for). Returns the answer and,
+    when another format was used, a note naming it (recorded as a repair of the candidate). When
+    no format parses the answer, the error of ``fmt`` is raised: it is the one the optimizer was
+    asked to follow, so the repair message quotes it."""
+    try:
+        return fmt.parse(raw, spec, current), None
+    except InvalidProposal as first:
+        for name, other in FORMATS.items():
+            if name == fmt.name:
+                continue
+            try:
+                answer = other().parse(raw, spec, current)
+            except InvalidProposal:
+                continue
+            if answer.values:
+                return answer, f"answer parsed as {name} (asked for {fmt.name})"
+        raise first
+
+
 def make_format(name: str) -> EditFormat:
     try:
         return FORMATS[name]()
@@ -314,5 +336,5 @@ def make_format(name: str) -> EditFormat:
 
 
 __all__ = ["Answer", "DiffFormat", "EditFormat", "FORMATS", "JsonFormat", "SCHEMA_MAX_LENGTH",
-           "TaggedFormat", "apply_edit", "diff_grammar", "make_format", "proposal_schema",
+           "TaggedFormat", "apply_edit", "diff_grammar", "make_format", "parse_answer", "proposal_schema",
            "tagged_grammar"]

@@ -23,7 +23,7 @@ from .artifact import ArtifactSpec, ArtifactVersion, content_hash
 from .config import LoopConfig
 from .context import SHRINK_LEVELS, MemoryEntry, build_context, truncate_trace
 from .events import Attempt
-from .formats import EditFormat, SCHEMA_MAX_LENGTH, make_format, proposal_schema
+from .formats import EditFormat, SCHEMA_MAX_LENGTH, make_format, parse_answer, proposal_schema
 from .llm.base import LLM, Completion, PromptTooLong
 from .proposals import InvalidProposal, strip_fences, validate_value
 from .task import Trial
@@ -177,12 +177,12 @@ class Optimizer:
 
     def _check(self, raw: str, completion: Completion, spec: ArtifactSpec,
                current: ArtifactVersion, seen: Mapping[str, str]):
-        answer = self.format.parse(raw, spec, current)
+        answer, fallback = parse_answer(self.format, raw, spec, current)
         if completion.finish_reason == "length":
             raise InvalidProposal(f"answer was cut at the token limit ({self.max_tokens} tokens) "
                                   "before it was complete; write a shorter answer")
         changed: dict[str, str] = {}
-        repairs: list[str] = []
+        repairs: list[str] = [fallback] if fallback else []
         for parameter in spec.trainable:
             if parameter.name not in answer.values:
                 continue

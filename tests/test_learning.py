@@ -112,6 +112,23 @@ def test_an_invalid_answer_goes_back_with_its_reason_and_the_offending_lines():
     assert llm.calls[1]["grammar"] == llm.calls[0]["grammar"] is not None
 
 
+def test_an_answer_in_another_format_is_understood_and_the_repair_recorded():
+    as_json = json.dumps({"reasoning": "r", "train_model": "def train_model(dataset):\n    return 4\n"})
+    optimizer = Optimizer(ScriptedLLM([as_json]), edit_format="tagged", repair_attempts=0)
+    [proposal] = optimizer.propose_candidates([{"role": "user", "content": "c"}], SPEC, CURRENT, seeds=[0])
+    assert proposal.valid and proposal.values["train_model"].endswith("return 4")
+    assert "answer parsed as json (asked for tagged)" in proposal.repairs
+    # an answer no format can read keeps the asked format's reason
+    optimizer = Optimizer(ScriptedLLM(["just prose"]), edit_format="tagged", repair_attempts=0)
+    [proposal] = optimizer.propose_candidates([{"role": "user", "content": "c"}], SPEC, CURRENT, seeds=[0])
+    assert not proposal.valid and proposal.invalid_reason.startswith("answer has no block <train_model>")
+
+
+def test_the_defaults_are_the_measured_ones():
+    config = LoopConfig(project="toy")
+    assert (config.edit_format, config.repair_attempts) == ("tagged", 2)
+
+
 def test_an_answer_cut_at_the_token_limit_is_never_adopted():
     class Cut(ScriptedLLM):
         def complete(self, messages, **kwargs):

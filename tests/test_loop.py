@@ -84,7 +84,8 @@ def test_malformed_proposals_are_counted_and_never_adopted():
         json.dumps({"reasoning": "wrong type", "prompt": 42}),
         answer("india"),
     ]
-    loop, _, _ = make_loop(responses)
+    # the JSON format's own reasons, one answer per step (no repair round)
+    loop, _, _ = make_loop(responses, edit_format="json", repair_attempts=0)
     result = loop.run()
 
     reasons = [s.invalid_reason for s in result.steps]

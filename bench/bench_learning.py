@@ -1,0 +1,265 @@
+"""Benchmark: do loops learn with the models a user can run? genopt cells side by side with GEPA.
+
+For each study (a case study and its starting artifact), each optimizer model (``embedded``:
+SmolLM2-135M, the default; ``bench``: Qwen2.5-Coder-1.5B-Instruct from ``../shared/bin/bench-llm``)
+and each cell of a small grid of loop choices (``edit_format/kN/selection/rM``: the edit format,
+candidates per step, which version a step improves, repair attempts), runs a loop per seed with a
+fixed number of steps and records:
+
+* first-try valid rate and valid-after-repair rate of the proposals (per candidate);
+* accepted versions; validation gain of the selected version over the starting version;
+* test score of the selected version; optimizer calls, task-model calls, wall time.
+
+``--gepa`` runs GEPA 0.1.4 on the same BBEH task, splits, exact-match scorer, seed prompt, task
+model and reflection model, with the same number of reflection (optimizer) calls as genopt's
+steps. GEPA is never a project dependency: it is installed into a separate virtual environment
+(``.bench/gepa-venv``, which sees this project's environment read-only through a ``.pth`` file)
+and run there as a subprocess.
+
+Results are appended to ``.bench/learning.jsonl`` (one line per run, keyed by study, model, cell
+and seed; a key already there is not run again, so an interrupted benchmark continues) and the
+table is printed at the end (``--table`` prints it without running anything). LLM answers are
+cached in ``.bench/cache`` (a rerun with the same seed replays them).
+
+Usage::
+
+    python bench/bench_learning.py --studies bbeh/prompt_only --models embedded --seeds 3
+    python bench/bench_learning.py --studies ml_pipeline/one_function,ml_pipeline/many_function \
+        --models bench --cells tagged/k1/current/r2 --seeds 3
+    python bench/bench_learning.py --gepa --studies none --models bench --seeds 3
+    python bench/bench_learning.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+OUT = ROOT / ".bench"
+RESULTS = OUT / "learning.jsonl"
+
+# The studies: project, overrides. BBEH runs the real boolean_expressions task with the GEPA
+# comparison's splits (20 train, 40 validation, 60 test); the ML pipeline runs Spaceship Titanic (MLAgentBench split); Atari runs Pong with the
+# 100-step credit horizon of the reference study.
+BBEH_OPTIONS = {"data_dir": str(SHARED / "data" / "bbeh" / "benchmark_tasks"), "train_size": 20,
+                "val_size": 40, "test_size": 60, "answer_max_tokens": 48}
+STUDIES = {
+    "bbeh/prompt_only": ("bbeh", {"task": "boolean_expressions", "init": "prompt_only",
+                                  "batch_size": 3, "task_options": BBEH_OPTIONS}),
+    "bbeh/prompt_and_extraction": ("bbeh", {"task": "boolean_expressions",
+                                            "init": "prompt_and_extraction", "batch_size": 3,
+                                            "task_options": BBEH_OPTIONS}),
+    "ml_pipeline/one_function": ("ml_pipeline", {
+        "task": "spaceship-titanic", "init": "one_function", "batch_size": 1,
+        "task_options": {"data_dir": str(SHARED / "data" / "spaceship-titanic"),
+                         "max_train_rows": 2000}}),
+    "ml_pipeline/many_function": ("ml_pipeline", {
+        "task": "spaceship-titanic", "init": "many_function", "batch_size": 1,
+        "task_options": {"data_dir": str(SHARED / "data" / "spaceship-titanic"),
+                         "max_train_rows": 2000}}),
+    "atari/pong_h100": ("atari", {"task": "Pong", "init": "single", "credit_horizon": 100,
+                                  "batch_size": 1,
+                                  "task_options": {"eval_episodes": 1, "eval_max_steps": 600,
+                                                   "train_episodes": 2}}),
+}
+DEFAULT_CELLS = ("tagged/k1/current/r2", "json/k1/current/r2", "tagged/k2/best/r2",
+                 "json/k1/current/r0")
+
+
+def bench_model_path() -> str:
+    out = subprocess.run([str(SHARED / "bin" / "bench-llm")], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def model_spec(name: str) -> str:
+    if name == "embedded":
+        return "smollm2"
+    if name == "bench":
+        return bench_model_path()
+    return name  # any model spec
+
+
+def parse_cell(cell: str) -> dict:
+    fmt, k, selection, repair = cell.split("/")
+    if not (k.startswith("k") and repair.startswith("r")):
+        raise SystemExit(f"--cells: {cell!r}: use FORMAT/kN/SELECTION/rM, e.g. tagged/k1/current/r2")
+    return {"edit_format": fmt, "candidates_per_step": int(k[1:]), "selection": selection,
+            "repair_attempts": int(repair[1:])}
+
+
+def done_keys() -> set[str]:
+    if not RESULTS.exists():
+        return set()
+    return {json.loads(line)["key"] for line in RESULTS.read_text().splitlines() if line.strip()}
+
+
+def append(row: dict) -> None:
+    OUT.mkdir(exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def run_genopt(study: str, model: str, cell: str, seed: int, steps: int) -> dict:
+    from mlflow_genopt.build import resolve_config, run_loop
+
+    project, overrides = STUDIES[study]
+    spec = model_spec(model)
+    fields = {**overrides, **parse_cell(cell), "steps": steps, "seed": seed,
+              "optimizer_model": spec}
+    if project == "bbeh":
+        fields["task_model"] = "smollm2"  # the task model stays the embedded one (as in GEPA's run)
+    config = resolve_config(project, overrides=fields)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
+        result = run_loop(config, tracking=None, resume=None, cache_dir=OUT / "cache",
+                          export_dir=Path(tmp) / "export")
+    wall = time.perf_counter() - started
+    candidates = [c for s in result.steps for c in s.candidates]
+    attempts = sum(len(c.attempts) for c in candidates)
+    start_val = result.versions[0].val_score if result.versions else None
+    totals = dict(result.totals)
+    return {
+        "candidates": len(candidates),
+        "first_try_valid": sum(c.first_try_valid for c in candidates),
+        "valid": sum(c.valid for c in candidates),
+        "accepted": sum(s.accepted for s in result.steps),
+        "start_val": start_val,
+        "best_val": result.best_val_score,
+        "val_gain": (result.best_val_score - start_val) if start_val is not None else None,
+        "test": result.test_score,
+        "optimizer_calls": attempts,
+        "llm_calls": totals.get("llm_calls"),
+        "task_calls": (totals["llm_calls"] - attempts) if "llm_calls" in totals else None,
+        "invalid_reasons": [c.invalid_reason for c in candidates if not c.valid][:10],
+        "wall_s": round(wall, 1),
+    }
+
+
+# --- GEPA -------------------------------------------------------------------------------------
+
+GEPA_VENV = OUT / "gepa-venv"
+
+
+def gepa_python() -> Path:
+    python = GEPA_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(GEPA_VENV)], check=True)
+        site = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
+        gepa_site = next(GEPA_VENV.glob("lib/python3*/site-packages"))
+        (gepa_site / "genopt-env.pth").write_text(f"{site}\n{ROOT}\n")
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps",
+                        "gepa==0.1.4"], check=True)
+    return python
+
+
+def run_gepa(model: str, seed: int, reflection_calls: int) -> dict:
+    spec = model_spec(model)
+    cmd = [str(gepa_python()), str(Path(__file__).with_name("gepa_bbeh.py")),
+           "--reflection-model", spec, "--seed", str(seed),
+           "--reflection-calls", str(reflection_calls),
+           "--options", json.dumps(BBEH_OPTIONS), "--cache-dir", str(OUT / "cache")]
+    started = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"GEPA failed: {out.stderr.strip().splitlines()[-1:]}")
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+# --- table ------------------------------------------------------------------------------------
+
+
+def _mean(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.3f}" if values else "-"
+
+
+def table() -> str:
+    if not RESULTS.exists():
+        return "no results yet"
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["study"], row["model"], row["cell"]), []).append(row)
+    head = (f"{'study':28} {'model':8} {'cell':22} {'seeds':>5} {'1st-valid':>9} "
+            f"{'valid':>6} {'accepted':>8} {'gain>0':>6} {'val gain':>8} {'test':>6} "
+            f"{'opt calls':>9} {'task calls':>10} {'wall s':>7}")
+    lines = [head, "-" * len(head)]
+    for (study, model, cell), group in sorted(groups.items()):
+        cands = sum(r.get("candidates", 0) for r in group)
+        rate = (lambda key: f"{sum(r.get(key, 0) for r in group) / cands:.0%}" if cands else "-")
+        gains = [r.get("val_gain") for r in group]
+        lines.append(
+            f"{study:28} {model:8} {cell:22} {len(group):>5} {rate('first_try_valid'):>9} "
+            f"{rate('valid'):>6} {sum(r.get('accepted', 0) for r in group):>8} "
+            f"{sum(1 for g in gains if g is not None and g > 0):>3}/{len(group):<2} "
+            f"{_mean(gains):>8} {_mean(r.get('test') for r in group):>6} "
+            f"{_mean(r.get('optimizer_calls') for r in group):>9} "
+            f"{_mean(r.get('task_calls', r.get('llm_calls')) for r in group):>10} "
+            f"{_mean(r.get('wall_s') for r in group):>7}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", default="bbeh/prompt_only",
+                        help=f"comma-separated, of {sorted(STUDIES)}, or 'none'")
+    parser.add_argument("--models", default="embedded", help="embedded, bench, or model specs")
+    parser.add_argument("--cells", default=",".join(DEFAULT_CELLS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps (genopt) and "
+                        "reflection calls (GEPA)")
+    parser.add_argument("--gepa", action="store_true", help="also run GEPA on BBEH")
+    parser.add_argument("--table", action="store_true", help="print the table and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
+    studies = [] if args.studies == "none" else args.studies.split(",")
+    for study in studies:
+        if study not in STUDIES:
+            raise SystemExit(f"--studies: unknown {study!r}; use one of {sorted(STUDIES)}")
+    done = done_keys()
+    for model in args.models.split(","):
+        for seed in range(args.seeds):
+            for study in studies:
+                for cell in args.cells.split(","):
+                    key = f"{study}|{model}|{cell}|{seed}|{args.steps}"
+                    if key in done:
+                        continue
+                    print(f"[bench] {key}", file=sys.stderr, flush=True)
+                    try:
+                        row = run_genopt(study, model, cell, seed, args.steps)
+                    except Exception as exc:  # one failed run is a result, not the end
+                        row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    append({"key": key, "study": study, "model": model, "cell": cell,
+                            "seed": seed, **row})
+            if args.gepa:
+                key = f"gepa|{model}|gepa|{seed}|{args.steps}"
+                if key not in done:
+                    print(f"[bench] {key}", file=sys.stderr, flush=True)
+                    try:
+                        row = run_gepa(model, seed, args.steps)
+                    except Exception as exc:
+                        row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    append({"key": key, "study": "bbeh/prompt_only", "model": model,
+                            "cell": "gepa-0.1.4", "seed": seed, **row})
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
