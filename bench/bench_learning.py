@@ -159,7 +159,8 @@ def gepa_python() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(GEPA_VENV)], check=True)
         site = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
         gepa_site = next(GEPA_VENV.glob("lib/python3*/site-packages"))
-        (gepa_site / "genopt-env.pth").write_text(f"{site}\n{ROOT}\n")
+        # addsitedir also runs that environment's .pth files (the editable install's finder)
+        (gepa_site / "genopt-env.pth").write_text(f"import site; site.addsitedir({str(site)!r})\n")
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps",
                         "gepa==0.1.4"], check=True)
     return python

@@ -39,6 +39,8 @@ class CountingLLM:
 class BBEHAdapter:
     """GEPA's adapter protocol over genopt's BBEH task: the candidate is the prompt template."""
 
+    propose_new_texts = None  # GEPA's own reflection prompt proposes the new texts
+
     def __init__(self, task: BBEHTask):
         self.task = task
 
@@ -93,8 +95,12 @@ def main() -> None:
     budget = len(val) * (args.reflection_calls + 1) + 2 * 3 * args.reflection_calls
 
     class StopAfterReflections:
-        def __call__(self, state) -> bool:  # gepa's StopperProtocol
-            return reflection.calls >= args.reflection_calls
+        iterations = 0
+
+        def __call__(self, state) -> bool:  # gepa's StopperProtocol, asked once per iteration
+            self.iterations += 1  # a bound too, should reflections keep failing
+            return (reflection.calls >= args.reflection_calls
+                    or self.iterations > 3 * args.reflection_calls + 3)
 
     result = gepa.optimize(
         seed_candidate={"prompt": DEFAULT_PROMPT}, trainset=train, valset=val, adapter=adapter,
