@@ -117,10 +117,11 @@ def test_server_context_overflow_is_prompt_too_long(llama_server: str) -> None:
         llm.complete([{"role": "user", "content": "word " * 6000}], max_tokens=8)
 
 
-@pytest.mark.parametrize("edit_format", ["json", "tagged"])
-def test_genopt_run_completes_a_loop_through_the_server(
-    llama_server: str, tmp_path: Path, edit_format: str
-) -> None:
+def test_genopt_run_completes_a_loop_through_the_server(llama_server: str, tmp_path: Path) -> None:
+    # The json edit format sends json_schema, which this server refuses with a 500; with
+    # GENOPT_LLM_MAX_RETRIES=0 the run can only complete if that refusal is a fallback, not a
+    # retry. (The tagged/diff formats' grammars over HTTP: the test above.)
+    edit_format = "json"
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -133,7 +134,8 @@ def test_genopt_run_completes_a_loop_through_the_server(
         "--option", "answer_max_tokens=16", "--tracking-uri", uri, "--experiment", "server",
         "--cache-dir", str(tmp_path / "cache"),
     ]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "GENOPT_LLM_MAX_RETRIES": "0"}
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "GENOPT_LLM_MAX_RETRIES": "0",
+           "GENOPT_LLM_TIMEOUT_S": "300"}  # a loaded 2-core machine: slow, not dead
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600,
                                cwd=tmp_path, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
