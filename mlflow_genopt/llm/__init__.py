@@ -117,7 +117,7 @@ def make_llm(
 
 def is_embedded(spec: str) -> bool:
     """Whether ``spec`` names an embedded llama.cpp model (the specs ``n_ctx`` applies to)."""
-    path = _split_options(spec.strip())[0] if "?" in spec else spec.strip()
+    path = spec.strip().partition("?")[0].strip()
     return path == "smollm2" or path.startswith("gguf:") or path.lower().endswith(".gguf")
 
 
