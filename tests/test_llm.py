@@ -717,3 +717,17 @@ def test_smollm2_follows_a_grammar_and_survives_a_broken_one() -> None:
     assert llm.broken_grammars == {broken}
     llm.complete(messages, grammar=broken, max_tokens=16, seed=0)
     assert llm.broken_grammars == {broken}
+
+
+@pytest.mark.e2e
+def test_smollm2_request_that_does_not_fit_its_window_is_prompt_too_long() -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dependency: install the project")
+    llm = make_llm("smollm2", n_ctx=256)
+    with pytest.raises(PromptTooLong, match=r"n_ctx=256\) could not complete: Requested tokens"):
+        llm.complete([{"role": "user", "content": "word " * 400}], max_tokens=8)
+    # fits alone, but leaves less than max_tokens for the answer: cut by the window, not adopted
+    with pytest.raises(PromptTooLong, match=r"left room for \d+ of the 64 answer tokens"):
+        llm.complete([{"role": "user", "content": "Repeat after me: " + "go " * 215}],
+                     max_tokens=64, seed=0)
+    fits = llm.complete([{"role": "user", "content": "Say hi."}], max_tokens=8, seed=0)
+    assert fits.text and fits.prompt_tokens + fits.completion_tokens < 256

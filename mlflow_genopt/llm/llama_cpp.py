@@ -105,7 +105,10 @@ class LlamaCppLLM:
     (``finish_reason="length"``) or put raw control characters inside strings, so parse with
     ``json.loads(text, strict=False)`` and validate. A grammar llama.cpp cannot compile is not
     an error: the call runs unconstrained and the grammar is remembered as broken (in
-    ``broken_grammars``), so it is not tried again. ``cost_usd`` is 0.0.
+    ``broken_grammars``), so it is not tried again. A request that does not fit the window
+    raises :class:`PromptTooLong`: a prompt longer than the window, and also one that leaves
+    less room than ``max_tokens`` and so had its answer cut by the window (llama-cpp-python
+    would otherwise return the stub). ``cost_usd`` is 0.0.
     """
 
     def __init__(
@@ -183,14 +186,25 @@ class LlamaCppLLM:
                     f"{self.model} (n_ctx={self.n_ctx}) could not complete: "
                     f"{' '.join(str(exc).split())}; {hint}"
                 ) from None
+            window = llama.n_ctx()
         latency_s = time.perf_counter() - start
         choice = response["choices"][0]
         usage = response.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        answer_tokens = int(usage.get("completion_tokens") or 0)
+        if (choice.get("finish_reason") == "length" and answer_tokens < max_tokens
+                and prompt_tokens + answer_tokens >= window):
+            # llama-cpp-python silently lowers max_tokens to what the window has left, so a
+            # prompt that nearly fills it gets a stub of an answer: the request did not fit.
+            raise PromptTooLong(
+                f"{self.model} (n_ctx={self.n_ctx}) could not complete: the prompt "
+                f"({prompt_tokens} tokens) left room for {answer_tokens} of the {max_tokens} "
+                "answer tokens; shorten the request or raise n_ctx")
         return Completion(
             text=choice["message"].get("content") or "",
             model=self.model,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=answer_tokens,
             latency_s=latency_s,
             cost_usd=0.0,
             finish_reason=choice.get("finish_reason"),
