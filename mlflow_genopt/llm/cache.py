@@ -1,6 +1,7 @@
 """An on-disk cache of LLM answers, so that re-running or resuming a loop does not pay twice.
 
-The key is the whole request: model, messages, JSON schema, temperature, max_tokens and seed.
+The key is the whole request: model, messages, JSON schema, grammar, temperature, max_tokens
+and seed.
 Two requests that differ in any of them are different entries. Note what that implies for
 sampling: identical requests at ``temperature > 0`` without a seed get the *same* cached answer;
 callers that want several different samples should pass different seeds.
@@ -30,9 +31,11 @@ def request_key(
     temperature: float,
     max_tokens: int,
     seed: int | None,
+    grammar: str | None = None,
 ) -> str:
     """sha256 of the request as canonical JSON (sorted keys, no whitespace), so that the key does
-    not depend on dict order or on ``0`` vs ``0.0``."""
+    not depend on dict order or on ``0`` vs ``0.0``. ``grammar`` enters the key only when given,
+    so that requests without one keep the keys they had before grammars existed."""
     request = {
         "model": model,
         "messages": [dict(m) for m in messages],
@@ -41,6 +44,8 @@ def request_key(
         "max_tokens": int(max_tokens),
         "seed": seed,
     }
+    if grammar is not None:
+        request["grammar"] = grammar
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -96,11 +101,13 @@ class CachedLLM:
         messages: Messages,
         *,
         json_schema: Mapping[str, Any] | None = None,
+        grammar: str | None = None,
         temperature: float = 0.0,
         max_tokens: int = 512,
         seed: int | None = None,
     ) -> Completion:
-        key = request_key(self.inner.model, messages, json_schema, temperature, max_tokens, seed)
+        key = request_key(self.inner.model, messages, json_schema, temperature, max_tokens, seed,
+                          grammar)
         stored = self._load(key)
         if stored is not None:
             with self._counter_lock:
@@ -108,9 +115,11 @@ class CachedLLM:
             return dataclasses.replace(stored, cached=True, latency_s=0.0)
         with self._counter_lock:
             self.misses += 1
+        constraint = {"grammar": grammar} if grammar is not None else {}
         completion = self.inner.complete(
             messages,
             json_schema=json_schema,
+            **constraint,
             temperature=temperature,
             max_tokens=max_tokens,
             seed=seed,

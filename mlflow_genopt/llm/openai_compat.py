@@ -1,6 +1,19 @@
 """Any OpenAI-compatible chat endpoint: OpenAI itself, or a local server (llama.cpp server, vLLM,
 Ollama, LM Studio) reached through ``base_url``.
 
+Structured output, and what happens when a server does not support it: a JSON schema is sent as
+``response_format: json_schema`` (OpenAI, vLLM, Ollama, LM Studio, llama.cpp's ``llama-server``).
+A server that refuses it with any 4xx or 5xx whose body names ``response_format``, ``json_schema``
+or ``schema`` (llama-cpp-python's ``python -m llama_cpp.server`` answers 500: its request model
+knows only ``text`` and ``json_object``) gets the next weaker form at once, without counting a
+retry: ``json_object`` carrying the schema (llama-cpp-python's server constrains decoding to it),
+then plain ``json_object``, then no ``response_format`` at all. Each client remembers how far it
+had to go, so later calls pay no failed request. A GBNF ``grammar`` (the ``tagged`` and ``diff``
+edit formats) is sent as a ``grammar`` body field to servers not on api.openai.com: llama.cpp's
+servers (``llama-server``, ``llama_cpp.server``) constrain decoding with it; most other servers
+ignore unknown fields, and one that refuses it (an error naming ``grammar``) is asked again
+without it, also remembered. Answers are validated by the caller either way.
+
 Retries are ours, not the ``openai`` client's (it is built with ``max_retries=0``), so that every
 retry is visible to the caller through ``on_retry`` and counted in ``Completion.attempts``, and so
 that the final error names the endpoint and the fix in one line.
@@ -83,9 +96,10 @@ class OpenAICompatibleLLM:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.on_retry = on_retry
-        # Set once the server has refused ``json_schema`` response formats; later calls then go
-        # straight to ``json_object`` instead of paying a failed request each time.
-        self._json_object_only = False
+        # How far down _FORMAT_LEVELS this server made us go, and whether it refused grammars;
+        # both only ever grow, so later calls skip forms already refused (see the module doc).
+        self._format_level = 0
+        self._grammar_refused = _is_openai_host(self.base_url)
         self._client = openai.OpenAI(
             base_url=self.base_url, api_key=api_key, timeout=timeout_s, max_retries=0
         )
@@ -98,6 +112,7 @@ class OpenAICompatibleLLM:
         messages: Messages,
         *,
         json_schema: Mapping[str, Any] | None = None,
+        grammar: str | None = None,
         temperature: float = 0.0,
         max_tokens: int = 512,
         seed: int | None = None,
@@ -116,8 +131,11 @@ class OpenAICompatibleLLM:
             request["max_tokens"] = max_tokens
         if seed is not None:
             request["seed"] = seed
+        level = self._format_level
         if json_schema is not None:
-            request["response_format"] = self._response_format(json_schema)
+            self._set_response_format(request, json_schema, level)
+        elif grammar is not None and not self._grammar_refused:
+            request["extra_body"] = {"grammar": grammar}
 
         start = time.perf_counter()
         attempts = 0
@@ -156,11 +174,17 @@ class OpenAICompatibleLLM:
                         f"LLM endpoint {self.base_url} does not serve model {self.model!r} (404): "
                         f"check the model name; {_status_reason(exc)}"
                     ) from None
-                if status == 400 and "response_format" in request and _about_response_format(exc):
-                    if request["response_format"]["type"] == "json_schema":
-                        self._json_object_only = True
-                        request["response_format"] = {"type": "json_object"}
-                        continue
+                if status >= 400 and json_schema is not None and level < len(_FORMAT_LEVELS) - 1 \
+                        and _mentions(exc, ("response_format", "json_schema", "schema",
+                                            "response format")):
+                    level += 1  # a weaker form at once: not a transient failure
+                    self._format_level = max(self._format_level, level)
+                    self._set_response_format(request, json_schema, level)
+                    continue
+                if status >= 400 and "extra_body" in request and _mentions(exc, ("grammar",)):
+                    self._grammar_refused = True
+                    del request["extra_body"]
+                    continue
                 if status == 400 and "context" in _status_reason(exc).lower() and (
                     "length" in _status_reason(exc).lower() or "window" in _status_reason(exc).lower()
                 ):
@@ -217,14 +241,28 @@ class OpenAICompatibleLLM:
         except Exception:  # noqa: BLE001 - not a verdict on the key
             return
 
-    def _response_format(self, json_schema: Mapping[str, Any]) -> dict[str, Any]:
-        if self._json_object_only:
-            return {"type": "json_object"}
-        # strict=False: strict mode rejects common schemas (optional fields, free-form objects).
-        return {
-            "type": "json_schema",
-            "json_schema": {"name": "proposal", "schema": dict(json_schema), "strict": False},
-        }
+    @staticmethod
+    def _set_response_format(request: dict[str, Any], json_schema: Mapping[str, Any],
+                             level: int) -> None:
+        form = _FORMAT_LEVELS[level]
+        if form == "json_schema":
+            # strict=False: strict mode rejects common schemas (optional fields, free-form objects).
+            request["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "proposal", "schema": dict(json_schema), "strict": False},
+            }
+        elif form == "json_object+schema":
+            request["response_format"] = {"type": "json_object", "schema": dict(json_schema)}
+        elif form == "json_object":
+            request["response_format"] = {"type": "json_object"}
+        else:
+            request.pop("response_format", None)
+
+    @property
+    def response_format(self) -> str:
+        """The strongest structured-output form this server has not refused (see the module
+        docstring): ``json_schema``, ``json_object+schema``, ``json_object`` or ``none``."""
+        return _FORMAT_LEVELS[self._format_level]
 
     def _backoff(self, failures_so_far: int) -> float:
         base = min(self.backoff_s * 2**failures_so_far, _MAX_BACKOFF_S)
@@ -321,9 +359,13 @@ def _status_reason(exc: openai.APIStatusError) -> str:
     return _one_line(f"{exc.status_code} {message or exc.message}")
 
 
-def _about_response_format(exc: openai.APIStatusError) -> bool:
+_FORMAT_LEVELS = ("json_schema", "json_object+schema", "json_object", "none")
+
+
+def _mentions(exc: openai.APIStatusError, words: tuple[str, ...]) -> bool:
+    """Whether the error's message or body names one of ``words`` (what the server refused)."""
     text = f"{exc.message} {exc.body}".lower()
-    return any(word in text for word in ("response_format", "json_schema", "response format"))
+    return any(word in text for word in words)
 
 
 def _retry_after_s(headers: Mapping[str, str]) -> float | None:
