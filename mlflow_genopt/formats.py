@@ -44,6 +44,34 @@ class Answer:
     reasoning: str
 
 
+@dataclass(frozen=True)
+class _Example:
+    """The worked example a format shows: of a code parameter when one is trainable, otherwise of
+    the spec's own prompt parameter with its own placeholders, so that copying the example's
+    shape never brings in a placeholder the task does not know (small models copy examples)."""
+
+    kind: str
+    name: str
+    reasoning: str
+    old_line: str
+    new_line: str
+    value: str
+
+
+def _example(spec: ArtifactSpec) -> _Example:
+    if any(p.kind == "code" for p in spec.trainable):
+        return _Example("function", "greet", "The greeting ignored the name.",
+                        '    return "Hello!"', '    return f"Hello, {name}!"',
+                        'def greet(name):\n    """Say hello to someone."""\n'
+                        '    return f"Hello, {name}!"')
+    prompt = spec.trainable[0]
+    inputs = "\n\n".join(prompt.placeholders)
+    value = ("Read the input carefully and reason step by step." + (f"\n\n{inputs}" if inputs else "")
+             + "\n\nState your final result on the last line.")
+    return _Example("prompt", prompt.name, "The responses often ended without a clear final result.",
+                    "State your final result.", "State your final result on the last line.", value)
+
+
 def _what(parameter: Parameter) -> str:
     if parameter.kind == "code":
         return f"the complete Python source code of the function `{parameter.expected_function}`"
@@ -85,10 +113,10 @@ class JsonFormat(EditFormat):
                  "most three sentences of diagnosis. Each parameter's value is a JSON string "
                  "holding its complete new value (not a diff, not a description): "]
         lines += [f"- \"{p.name}\": {_what(p)}" for p in spec.trainable]
+        example = _example(spec)
         lines.append("Escape quotes as \\\" and newlines as \\n inside the strings. Example for a "
-                     "parameter named greet:\n"
-                     '{"reasoning": "The greeting ignored the name.", "greet": "def greet(name):\\n'
-                     '    return f\\"Hello, {name}!\\"\\n"}')
+                     f"{example.kind} parameter named {example.name}:\n"
+                     + json.dumps({"reasoning": example.reasoning, example.name: example.value}))
         return "\n".join(lines)
 
     def parse(self, raw: str, spec: ArtifactSpec, current: ArtifactVersion) -> Answer:
@@ -152,15 +180,16 @@ class TaggedFormat(EditFormat):
 
     def instructions(self, spec: ArtifactSpec) -> str:
         blocks = "\n".join(f"<{p.name}>\n({_what(p)})\n</{p.name}>" for p in spec.trainable)
+        example = _example(spec)
         return (
             "Write your answer in exactly this layout, each tag on its own line:\n"
             f"<reasoning>\n(at most three sentences: what went wrong and what you change)\n"
             f"</reasoning>\n{blocks}\n"
             "Write each value as it is, with no escaping and no markdown fences. A value is the "
             "complete new value, never a diff and never the parameter's description.\n"
-            "Example, for a function parameter named greet:\n"
-            "<reasoning>\nThe greeting ignored the name.\n</reasoning>\n<greet>\ndef greet(name):\n"
-            "    \"\"\"Say hello to someone.\"\"\"\n    return f\"Hello, {name}!\"\n</greet>"
+            f"Example, for a {example.kind} parameter named {example.name}:\n"
+            f"<reasoning>\n{example.reasoning}\n</reasoning>\n<{example.name}>\n{example.value}\n"
+            f"</{example.name}>"
         )
 
     def parse(self, raw: str, spec: ArtifactSpec, current: ArtifactVersion) -> Answer:
@@ -221,16 +250,18 @@ class DiffFormat(EditFormat):
 
     def instructions(self, spec: ArtifactSpec) -> str:
         names = ", ".join(p.name for p in spec.trainable)
+        example = _example(spec)
         return (
             "Write <reasoning>\n(at most three sentences)\n</reasoning>, then one or more edit "
             "blocks, each naming the parameter it edits (" + names + "):\n"
             "<<<<<<< SEARCH name\n(lines copied exactly from the current value)\n=======\n"
             "(the lines that replace them)\n>>>>>>> REPLACE\n"
             "The SEARCH lines must appear in the current value exactly once; copy enough lines "
-            "to be unique. An empty SEARCH part replaces the whole value. Write code, not "
-            "descriptions; no markdown fences.\nExample, for a function parameter named greet:\n"
-            "<reasoning>\nThe greeting ignored the name.\n</reasoning>\n<<<<<<< SEARCH greet\n"
-            "    return \"Hello!\"\n=======\n    return f\"Hello, {name}!\"\n>>>>>>> REPLACE"
+            "to be unique. An empty SEARCH part replaces the whole value. Write the new lines "
+            "themselves, not descriptions; no markdown fences.\n"
+            f"Example, for a {example.kind} parameter named {example.name}:\n"
+            f"<reasoning>\n{example.reasoning}\n</reasoning>\n<<<<<<< SEARCH {example.name}\n"
+            f"{example.old_line}\n=======\n{example.new_line}\n>>>>>>> REPLACE"
         )
 
     def parse(self, raw: str, spec: ArtifactSpec, current: ArtifactVersion) -> Answer:

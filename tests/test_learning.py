@@ -81,6 +81,20 @@ def test_every_format_asks_for_code_with_a_worked_example_and_constrains_the_llm
     assert '"<<<<<<< SEARCH "' in DiffFormat().request(SPEC)["grammar"]
 
 
+def test_a_prompt_only_artifact_gets_a_prompt_example_with_its_own_placeholders_only():
+    # SmolLM2 copied the code example's {name} into BBEH's prompt: 1 of 5 quickstart steps lost
+    spec = ArtifactSpec((Parameter("prompt", "prompt", "Template.", placeholders=("{question}",)),))
+    current = ArtifactVersion({"prompt": "Q: {question}"}, step=0)
+    for fmt in (JsonFormat(), TaggedFormat()):
+        text = fmt.instructions(spec)
+        assert "prompt parameter named prompt" in text and "{question}" in text
+        assert "{name}" not in text and "greet" not in text
+    # the example itself, copied as the answer, is a valid proposal
+    example = TaggedFormat().instructions(spec).split("named prompt:\n", 1)[1]
+    answer = TaggedFormat().parse(example, spec, current)
+    assert validate_value(spec.parameters[0], answer.values["prompt"])[0].count("{question}") == 1
+
+
 # --- prompt placeholders ---------------------------------------------------------------------
 def test_a_prompt_without_its_input_gets_it_appended_and_unknown_placeholders_are_refused():
     value, repairs = validate_value(PROMPT, "Think step by step.")
