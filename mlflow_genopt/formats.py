@@ -222,13 +222,21 @@ def _block(text: str, name: str) -> str | None:
     return text[opening.end():end_pos].rstrip("\n")
 
 
+REASONING_LINES = 4  # the grammar ends the reasoning after this many lines (small models ramble)
+REASONING_LINE_CHARS = 300
+
+
 def tagged_grammar(spec: ArtifactSpec) -> str:
     """A GBNF grammar for ``tagged`` answers: fixed delimiters, free content lines (a content
-    line may not start with ``</``)."""
-    rules = ['root ::= "<reasoning>\\n" body "</reasoning>\\n" '
+    line may not start with ``</``). The reasoning is at most :data:`REASONING_LINES` lines of
+    at most :data:`REASONING_LINE_CHARS` characters: SmolLM2 otherwise filled its whole token
+    budget with reasoning and never reached a value block."""
+    rules = ['root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" '
              + " ".join(f"p{i}" for i in range(len(spec.trainable)))]
     for i, parameter in enumerate(spec.trainable):
         rules.append(f'p{i} ::= "<{parameter.name}>\\n" body "</{parameter.name}>" "\\n"?')
+    rules.append(f"reasoning ::= rline{{1,{REASONING_LINES}}}")
+    rules.append(f'rline ::= [^<\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"')
     rules.append("body ::= line*")
     rules.append('line ::= ( [^<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? )? "\\n"')
     return "\n".join(rules) + "\n"
@@ -326,7 +334,9 @@ def diff_grammar(spec: ArtifactSpec) -> str:
     a trainable parameter (content lines may not start with ``=======`` or ``>>>>>>>``)."""
     names = " | ".join(f'"{p.name}"' for p in spec.trainable)
     return "\n".join([
-        'root ::= "<reasoning>\\n" body "</reasoning>\\n" edit+',
+        'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" edit+',
+        f"reasoning ::= rline{{1,{REASONING_LINES}}}",
+        f'rline ::= [^<\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"',
         f'edit ::= "<<<<<<< SEARCH " ( {names} ) "\\n" dline* "=======\\n" dline* ">>>>>>> REPLACE\\n"',
         "body ::= line*",
         'line ::= ( [^<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? )? "\\n"',

@@ -78,6 +78,9 @@ def test_every_format_asks_for_code_with_a_worked_example_and_constrains_the_llm
     assert "json_schema" in JsonFormat().request(SPEC)
     grammar = TaggedFormat().request(SPEC)["grammar"]
     assert '"<train_model>\\n"' in grammar and "root ::=" in grammar
+    # the reasoning ends after a few lines, so a rambling model still reaches the value block
+    assert 'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n"' in grammar
+    assert "reasoning ::= rline{1,4}" in grammar
     assert '"<<<<<<< SEARCH "' in DiffFormat().request(SPEC)["grammar"]
 
 
