@@ -108,6 +108,14 @@ class LlamaCppLLM:
         path = Path(os.path.expanduser(str(model_path)))
         if not path.is_file():
             raise LLMError(f"model file {path} not found: pass an existing .gguf path")
+        try:
+            with open(path, "rb") as handle:
+                magic = handle.read(4)
+        except OSError as exc:
+            raise LLMError(f"model file {path}: cannot be read ({exc.strerror})") from None
+        if magic != b"GGUF":  # checked now: llama.cpp only loads the file on the first call
+            raise LLMError(f"model file {path}: not a GGUF file (it starts with {magic!r}, a GGUF "
+                           "model with b'GGUF'); pass a llama.cpp .gguf model")
         self.model_path = path
         self.n_ctx = n_ctx
         self.n_threads = n_threads

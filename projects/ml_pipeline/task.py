@@ -205,6 +205,12 @@ class TabularTask(FixedSplits):
         target = definition.target
         if labeled[target].isna().any():
             labeled = labeled[labeled[target].notna()]
+        needed = 2 * int(n_folds) + 2  # folds of at least two rows, a validation and a test row
+        if len(labeled) < needed:
+            what = ("has no values (every row is empty or NaN)" if len(labeled) == 0 and len(data.labeled)
+                    else f"has {len(labeled)} labelled row(s)")
+            raise ConfigError(f"{data.source}: target column {target!r} {what}; at least {needed} "
+                              f"are needed for n_folds={int(n_folds)}, a validation and a test part")
         if max_train_rows is not None:
             rows = int(max_train_rows)
             if rows < len(labeled):
