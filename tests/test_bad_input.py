@@ -200,14 +200,18 @@ def fake_endpoint():
         yield server
 
 
-@pytest.fixture(scope="module")
-def mlflow_db(tmp_path_factory) -> bytes:
-    """The bytes of a real MLflow SQLite store with no run in it."""
+def empty_mlflow_db(directory: Path) -> bytes:
+    """The bytes of a real MLflow SQLite store with no run in it (made in ``directory``)."""
     from mlflow import MlflowClient
 
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    path = directory / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
     return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> bytes:
+    return empty_mlflow_db(tmp_path_factory.mktemp("store"))
 
 
 def _without_permission_override() -> None:
@@ -228,46 +232,60 @@ def _runs(db: Path) -> list[tuple[str, str]]:
         return connection.execute("SELECT run_uuid, status FROM runs").fetchall()
 
 
-@pytest.mark.parametrize("name,argv,files,env,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_and_leaves_nothing(tmp_path, fake_endpoint, mlflow_db, name, argv, files,
-                                                     env, expected):
-    if name == "bbeh-no-data-and-no-network" and online():
-        pytest.skip("this machine can download BBEH")
+def check_case(case, workdir: Path, fake_url: str, mlflow_db: bytes) -> list[str]:
+    """Run one case of :data:`CASES` in the empty directory ``workdir``; the promises it broke
+    (empty: one line naming the problem, exit != 0, no traceback, nothing written, no run).
+    ``bench/bench_reliability.py`` runs the table through this too."""
+    name, argv, files, env, expected = case
     for relative, content in files.items():
-        path = tmp_path / relative
+        path = workdir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         content = mlflow_db if content is MLFLOW_DB else content
         (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
     modes = MODES.get(name, {})
     for relative, mode in modes.items():
-        os.chmod(tmp_path / relative, mode)
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        os.chmod(workdir / relative, mode)
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
     closed = closed_port()
-    argv = [a.format(fake=fake_endpoint.base_url, closed=closed) for a in argv]
+    argv = [a.format(fake=fake_url, closed=closed) for a in argv]
     environment = {k: v for k, v in os.environ.items()
                    if not k.startswith(("MLFLOW_", "OPENAI_", "GENOPT_"))}
-    environment.update(HOME=str(tmp_path), GENOPT_CACHE_DIR=str(tmp_path / "genopt-cache"),
+    environment.update(HOME=str(workdir), GENOPT_CACHE_DIR=str(workdir / "genopt-cache"),
                        MLFLOW_DISABLE_TELEMETRY="true")
     for key, value in env.items():
         if value is not None:
             environment[key] = value
     try:
-        done = subprocess.run([sys.executable, "-m", "mlflow_genopt.cli", *argv], cwd=tmp_path,
+        done = subprocess.run([sys.executable, "-m", "mlflow_genopt.cli", *argv], cwd=workdir,
                               env=environment, capture_output=True, text=True, timeout=120,
                               preexec_fn=_without_permission_override if modes else None)
     finally:
         for relative in modes:
-            os.chmod(tmp_path / relative, 0o755 if (tmp_path / relative).is_dir() else 0o644)
+            os.chmod(workdir / relative, 0o755 if (workdir / relative).is_dir() else 0o644)
 
-    report = f"exit {done.returncode}\nstdout: {done.stdout[-1500:]}\nstderr: {done.stderr[-3000:]}"
-    assert done.returncode != 0, report
-    assert "Traceback" not in done.stderr, report
+    broken = []
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, report
-    for text in expected:
-        assert text in errors[0], report
-    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    assert after == before, f"left behind: {sorted(set(after) - set(before))}\n{report}"
+    if done.returncode == 0:
+        broken.append("exit 0")
+    if "Traceback" in done.stderr:
+        broken.append("a traceback")
+    if len(errors) != 1:
+        broken.append(f"{len(errors)} error lines")
+    broken += [f"the line lacks {text!r}" for text in expected if errors and text not in errors[0]]
+    after = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    if after != before:
+        broken.append(f"left behind: {sorted(map(str, set(after) - set(before)))}")
     for relative, content in files.items():  # a store that was there holds no run (RUNNING or other)
-        if content is MLFLOW_DB:
-            assert _runs(tmp_path / relative) == [], report
+        if content is MLFLOW_DB and (runs := _runs(workdir / relative)):
+            broken.append(f"runs left in {relative}: {runs}")
+    if broken:
+        broken.append(f"exit {done.returncode}\nstdout: {done.stdout[-1500:]}\nstderr: {done.stderr[-3000:]}")
+    return broken
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_leaves_nothing(tmp_path, fake_endpoint, mlflow_db, case):
+    if case[0] == "bbeh-no-data-and-no-network" and online():
+        pytest.skip("this machine can download BBEH")
+    broken = check_case(case, tmp_path, fake_endpoint.base_url, mlflow_db)
+    assert not broken, "\n".join(broken)
