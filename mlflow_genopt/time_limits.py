@@ -5,12 +5,15 @@ pipeline's is 120 s), so a proposal that hangs (``while True: pass``) costs that
 trial of every evaluation. :class:`AdaptiveTimeLimit` measures how long the *starting version*
 takes per trial and allows a multiple of it instead::
 
-    limit = min(maximum_s, max(floor_s, factor * measured_s))
+    limit = min(maximum_s, max(floor_s, factor * measured_s rounded up to granularity_s))
 
 Before anything is measured (and with ``factor=0``) the limit is ``maximum_s``. The measurement
 is the task's state (``state_dict``), so a resumed loop uses the limit the interrupted one had.
 :meth:`exceeded` is the feedback a timed-out trial gets: the limit, how it was set, and that it
-was exceeded, so the optimizer knows to make the code faster rather than guess.
+was exceeded, so the optimizer knows to make the code faster rather than guess. The measured
+time itself is not in that text, and the limit is rounded up to whole ``granularity_s`` (5 s),
+so that the same loop run again usually sends the same learning contexts (the response cache
+then answers them) although no two measurements are equal.
 
 A task uses it like this (see ``genopt_projects.ml_pipeline.task``)::
 
@@ -34,16 +37,18 @@ TIMEOUT_PREFIX = "time limit exceeded"
 @dataclass
 class AdaptiveTimeLimit:
     """Seconds one trial may take: ``factor`` x the starting version's measured seconds per
-    trial, at least ``floor_s``, at most ``maximum_s`` (``factor=0``: always ``maximum_s``).
-    ``measured_s`` is the first observation (``None`` until then)."""
+    trial rounded up to a multiple of ``granularity_s``, at least ``floor_s``, at most
+    ``maximum_s`` (``factor=0``: always ``maximum_s``). ``measured_s`` is the first observation
+    (``None`` until then)."""
 
     maximum_s: float
     factor: float = 5.0
     floor_s: float = 20.0
     measured_s: float | None = None
+    granularity_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("maximum_s", "floor_s"):
+        for name in ("maximum_s", "floor_s", "granularity_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: must be a number > 0, got {value!r}")
@@ -63,7 +68,8 @@ class AdaptiveTimeLimit:
         """Seconds per trial now."""
         if not self.adaptive or self.measured_s is None:
             return float(self.maximum_s)
-        return float(min(self.maximum_s, max(self.floor_s, self.factor * self.measured_s)))
+        raw = math.ceil(self.factor * self.measured_s / self.granularity_s - 1e-9) * self.granularity_s
+        return float(min(self.maximum_s, max(self.floor_s, raw)))
 
     def observe(self, seconds_per_trial: float) -> None:
         """Record the starting version's seconds per trial (the first observation counts)."""
@@ -77,9 +83,9 @@ class AdaptiveTimeLimit:
         if self.measured_s is None:
             return (f"the maximum timeout_s={self.maximum_s:g} s, until the starting version's "
                     "time is measured")
-        return (f"timeout_factor {self.factor:g} x the starting version's {self.measured_s:.2f} s "
-                f"per trial, at least timeout_floor_s={self.floor_s:g} s, at most "
-                f"timeout_s={self.maximum_s:g} s")
+        return (f"timeout_factor {self.factor:g} x the starting version's time per trial (rounded "
+                f"up to {self.granularity_s:g} s), at least timeout_floor_s={self.floor_s:g} s, at "
+                f"most timeout_s={self.maximum_s:g} s")
 
     def exceeded(self, trials: int = 1, advice: str = "Make the code faster.") -> str:
         """The error of a trial that was stopped at the limit (one line, for the optimizer);

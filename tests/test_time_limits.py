@@ -26,7 +26,7 @@ HANGS = "def train_model(dataset):\n    while True:\n        pass\n"
 def test_the_limit_is_a_bounded_multiple_of_the_measured_time():
     limit = AdaptiveTimeLimit(maximum_s=120, factor=5, floor_s=20)
     assert limit.limit() == 120 and limit.needs_measurement  # nothing measured yet: the maximum
-    limit.observe(7.0)
+    limit.observe(6.3)  # 31.5 s, rounded up to whole 5 s
     assert limit.limit() == 35 and not limit.needs_measurement
     limit.observe(1.0)  # only the first observation (the starting version) counts
     assert limit.limit() == 35
@@ -35,7 +35,8 @@ def test_the_limit_is_a_bounded_multiple_of_the_measured_time():
     assert AdaptiveTimeLimit(120, 0, 20, measured_s=1.0).limit() == 120  # factor 0: fixed
     text = limit.exceeded(3, "Be quicker.")
     assert text.startswith(f"{TIMEOUT_PREFIX}: a trial may take 35 s (3 trials ran in one process: 105 s")
-    assert "timeout_factor 5 x the starting version's 7.00 s" in text and text.endswith("Be quicker.")
+    assert "timeout_factor 5 x the starting version's time per trial (rounded up to 5 s)" in text
+    assert "6.3" not in text and text.endswith("Be quicker.")  # no measurement: stable contexts
     resumed = AdaptiveTimeLimit(120, 5, 20)
     resumed.load_state_dict(json.loads(json.dumps(limit.state_dict())))
     assert resumed.limit() == 35
@@ -84,7 +85,7 @@ def test_a_hanging_proposal_is_cut_at_the_adaptive_limit_and_told_so(monkeypatch
     assert given[4] == pytest.approx(per_trial + 60)
     [spin, _] = result.steps[0].candidate_trials
     assert spin.error.startswith(f"{TIMEOUT_PREFIX}: a trial may take {per_trial:g} s (2 trials ran")
-    assert "timeout_factor 2 x the starting version's" in spin.error
+    assert "timeout_factor 2 x the starting version's time per trial" in spin.error
     assert f"at most timeout_s={maximum:g} s" in spin.error and "Make the pipeline faster" in spin.error
     assert spin.error in spin.feedback and spin.score < min(t.score for t in result.steps[0].trials)
     assert result.test_score is not None and result.test_score > 0.85  # the starting version was unharmed
