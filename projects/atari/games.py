@@ -653,9 +653,22 @@ def _plugins() -> tuple[Mapping[str, GameSpec], Mapping[str, str]]:
             raise GamePluginError(f"{where}: a game called {spec.name!r} exists already")
         if not spec.name.isidentifier():
             raise GamePluginError(f"{where}: the game name {spec.name!r} must be an identifier")
+        if spec.starting_policy is not None and not _defines(spec.starting_policy, "select_action"):
+            raise GamePluginError(f"{where}: starting_policy must be Python source that defines "
+                                  "select_action(obs)")
         games[spec.name] = spec
         packages[spec.name] = entry.module.split(".")[0]
     return games, packages
+
+
+def _defines(source: Any, function: str) -> bool:
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, TypeError, ValueError):
+        return False
+    return any(isinstance(node, ast.FunctionDef) and node.name == function for node in tree.body)
 
 
 def plugin_games() -> Mapping[str, GameSpec]:
