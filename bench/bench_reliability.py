@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -100,32 +99,21 @@ def dead_endpoint(workdir: Path) -> tuple[bool, float, str]:
 
 
 def bad_inputs() -> tuple[int, int, list[str]]:
-    """(cases, cases with one line + exit != 0 + nothing written, failures) of the CLI table."""
-    failures = []
+    """(cases, cases with one line + exit != 0 + nothing written, failures) of the CLI table,
+    each case checked by ``tests/test_bad_input.py``'s own ``check_case``."""
+    store = Path(tempfile.mkdtemp(prefix="genopt-bad-store-"))
+    try:
+        mlflow_db = test_bad_input.empty_mlflow_db(store)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
     with FakeOpenAI(api_key="sk-right") as server:
         def one(case):
-            name, argv, files, env, expected = case
-            if name == "bbeh-no-data-and-no-network" and test_bad_input.online():
+            if case[0] == "bbeh-no-data-and-no-network" and test_bad_input.online():
                 return None
             workdir = Path(tempfile.mkdtemp(prefix="genopt-bad-"))
             try:
-                for relative, content in files.items():
-                    path = workdir / relative
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
-                before = sorted(workdir.rglob("*"))
-                args = [a.format(fake=server.base_url, closed=test_bad_input.closed_port()) for a in argv]
-                environment = {k: v for k, v in os.environ.items()
-                               if not k.startswith(("MLFLOW_", "OPENAI_", "GENOPT_"))}
-                environment.update(HOME=str(workdir), GENOPT_CACHE_DIR=str(workdir / "genopt-cache"),
-                                   MLFLOW_DISABLE_TELEMETRY="true")
-                environment.update({k: v for k, v in env.items() if v is not None})
-                done = subprocess.run([sys.executable, "-m", "mlflow_genopt.cli", *args], cwd=workdir,
-                                      env=environment, capture_output=True, text=True, timeout=120)
-                errors = [line for line in done.stderr.splitlines() if "error:" in line]
-                ok = (done.returncode != 0 and "Traceback" not in done.stderr and len(errors) == 1
-                      and all(t in errors[0] for t in expected) and sorted(workdir.rglob("*")) == before)
-                return None if ok else f"{name}: exit {done.returncode}: {done.stderr.strip()[-300:]}"
+                broken = test_bad_input.check_case(case, workdir, server.base_url, mlflow_db)
+                return f"{case[0]}: " + "; ".join(broken)[-600:] if broken else None
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
 

@@ -48,6 +48,30 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def check_cache_dir(cache_dir: str | Path | None) -> None:
+    """A one-line :class:`ConfigError` when the response and evaluation caches could not be
+    written under ``cache_dir`` (checked before anything is created: the caches themselves are
+    made on first use, mid-loop)."""
+    if cache_dir is None:
+        return
+    from .evaluation import CACHE_FILE
+    from .llm.cache import CACHE_FILENAME
+
+    cache = Path(cache_dir)
+    existing = cache
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = "pass another --cache-dir, or --no-cache"
+    if not existing.is_dir():
+        raise ConfigError(f"cache_dir: {existing} is not a directory; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == cache else f" ({existing} is not writable)"
+        raise ConfigError(f"cache_dir: {cache} is not writable{where}; {fix}")
+    for name in (CACHE_FILENAME, CACHE_FILE):
+        if (cache / name).exists() and not os.access(cache / name, os.R_OK | os.W_OK):
+            raise ConfigError(f"cache_dir: {cache / name} is read-only; {fix}")
+
+
 def resolve_config(project: str, *, config_file: str | Path | None = None,
                    overrides: Mapping[str, Any] | None = None,
                    options: Mapping[str, Any] | None = None) -> LoopConfig:
@@ -114,6 +138,7 @@ def build_loop(
     ``usage``: the meter to count into (the caller reads it live, e.g. a study's budget).
     ``on_retry(attempt, error, sleep_s)`` hears every retried endpoint request.
     """
+    check_cache_dir(cache_dir)
     if task is not None:
         if starting is None:
             raise ConfigError("starting: a task object needs its starting artifact (a "
@@ -202,6 +227,7 @@ def run_loop(
     Raises :class:`~mlflow_genopt.config.ConfigError` or :class:`~mlflow_genopt.llm.LLMError`
     with a one-line message for bad input.
     """
+    check_cache_dir(cache_dir)  # before the run exists
     tracker, resume_state, uri = _tracking(config, tracking, resume, experiment, run_name,
                                            nested, progress)
     listeners: list[LoopCallback] = []

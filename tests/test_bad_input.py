@@ -3,7 +3,10 @@ problem and the fix, a non-zero exit, no traceback, and nothing half-written (no
 run, no Optuna storage, no response cache, no study summary).
 
 Each case runs in an empty directory that is its working directory and its ``HOME``; after the
-command, that directory must hold exactly the files the case put there.
+command, that directory must hold exactly the files the case put there, and an MLflow store the
+case put there holds no run. Cases about permissions (``MODES``) run the command without root's
+permission override (capabilities dropped before exec), so that they mean the same as root as
+they do for any user.
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 BBEH_TASK_JSON = "bbeh_boolean_expressions/task.json"
 GARBAGE = b"\x00\xff\xfe\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
+MLFLOW_DB = object()  # stands for a real, empty MLflow SQLite store (made once per module)
+CSV = "--task", "csv", "--option", "target=y", "--option", "metric=accuracy", "--data-dir"
+ROWS = "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40))
+# permissions set after the files are written (the command then runs without root's override)
+MODES = {"mlflow-db-read-only": {"mlflow.db": 0o444},
+         "mlflow-db-directory-read-only": {"store": 0o555},
+         "cache-dir-unwritable": {"cache": 0o555},
+         "cache-file-read-only": {"cache/llm-cache.sqlite": 0o444},
+         "study-cache-dir-unwritable": {"cache": 0o555}}
 
 
 def online() -> bool:
@@ -90,6 +102,9 @@ CASES = [
      {}, {}, ["no task.json for boolean_expressions under nodir", "bbeh_boolean_expressions/task.json"]),
     ("bbeh-task-file-not-json", ["run", "bbeh", "--task", "boolean_expressions", "--data-dir", "."],
      {BBEH_TASK_JSON: "{not json"}, {}, ["task.json: not a readable BBEH task.json"]),
+    ("bbeh-task-file-truncated", ["run", "bbeh", "--task", "boolean_expressions", "--data-dir", "."],
+     {BBEH_TASK_JSON: '{"canary": "x", "examples": [{"input": "not ( True ) and ( True ) is", "target": "Fal'},
+     {}, ["bbeh_boolean_expressions/task.json: not a readable BBEH task.json"]),
     ("bbeh-task-file-binary", ["run", "bbeh", "--task", "boolean_expressions", "--data-dir", "."],
      {BBEH_TASK_JSON: GARBAGE}, {}, ["task.json: not a readable BBEH task.json"]),
     ("bbeh-task-file-wrong-shape", ["run", "bbeh", "--task", "boolean_expressions", "--data-dir", "."],
@@ -111,6 +126,17 @@ CASES = [
     ("ml-csv-empty", ["run", "ml_pipeline", "--task", "csv", "--data-dir", "empty.csv", "--option",
                       "target=y", "--option", "metric=accuracy"], {"empty.csv": ""}, {},
      ["empty.csv: not a readable CSV file"]),
+    ("ml-train-csv-without-target", ["run", "ml_pipeline", "--task", "spaceship-titanic", "--data-dir", "kaggle"],
+     {"kaggle/train.csv": "PassengerId,Age\n" + "".join(f"{i},{i}\n" for i in range(40))}, {},
+     ["target: column 'Transported' not in kaggle/train.csv", "columns: PassengerId, Age"]),
+    ("ml-csv-target-all-nan", ["run", "ml_pipeline", *CSV, "nan.csv"],
+     {"nan.csv": "a,b,y\n" + "".join(f"{i},{i % 3},\n" for i in range(40))}, {},
+     ["nan.csv: target column 'y' has no values (every row is empty or NaN)", "at least 12"]),
+    ("ml-csv-one-row", ["run", "ml_pipeline", *CSV, "one.csv"], {"one.csv": "a,b,y\n1,2,1\n"}, {},
+     ["one.csv: target column 'y' has 1 labelled row(s); at least 12 are needed for n_folds=5"]),
+    ("ml-csv-not-utf8", ["run", "ml_pipeline", *CSV, "latin1.csv"],
+     {"latin1.csv": ("a,b,y\n" + ROWS).replace("1,", "caf\xe9,").encode("latin-1")}, {},
+     ["latin1.csv: not a readable CSV file", "'utf-8' codec can't decode byte 0xe9"]),
     # models and endpoints
     ("scripted-model-file-missing", ["run", "bbeh", "--optimizer-model", "scripted:missing.json"], {}, {},
      ["script file missing.json not found", "JSON list of strings"]),
@@ -125,6 +151,12 @@ CASES = [
     ("optimizer-n-ctx-for-an-endpoint", ["run", "bbeh", "--optimizer-model", "openai:fake",
                                          "--optimizer-n-ctx", "4096"], {}, {},
      ["optimizer_n_ctx: applies to an embedded optimizer model"]),
+    # a writable store is there: the error comes before any run is created in it
+    ("gguf-not-a-gguf-file", ["run", "bbeh", "--optimizer-model", "model.gguf", "--tracking-uri",
+                              "sqlite:///mlflow.db"], {"model.gguf": "not a model\n", "mlflow.db": MLFLOW_DB},
+     {}, ["model file model.gguf is not a GGUF file", "pass a .gguf model"]),
+    ("gguf-task-model-not-a-gguf-file", ["run", "bbeh", "--task-model", "gguf:model.bin"],
+     {"model.bin": GARBAGE}, {}, ["model file model.bin is not a GGUF file"]),
     ("openai-key-missing", ["run", "bbeh", "--optimizer-model", "openai:gpt-4.1-mini"], {},
      {"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None},
      ["OPENAI_API_KEY is not set", "export it"]),
@@ -136,6 +168,20 @@ CASES = [
      ["no MLflow tracking server answers at http://127.0.0.1:", "--tracking-uri sqlite:///mlflow.db"]),
     ("tracking-file-store", ["run", "bbeh", "--tracking-uri", "./mlruns"], {}, {},
      ["'./mlruns' is a file store", "sqlite:///"]),
+    ("mlflow-db-read-only", ["run", "bbeh", "--tracking-uri", "sqlite:///mlflow.db"], {"mlflow.db": MLFLOW_DB},
+     {}, ["tracking_uri: mlflow.db is read-only", "--tracking-uri sqlite:///"]),
+    ("mlflow-db-directory-read-only", ["run", "bbeh", "--tracking-uri", "sqlite:///store/mlflow.db"],
+     {"store/mlflow.db": MLFLOW_DB}, {}, ["the directory store of mlflow.db is not writable"]),
+    ("mlflow-db-is-a-directory", ["run", "bbeh", "--tracking-uri", "sqlite:///db"], {"db/.keep": ""}, {},
+     ["tracking_uri: db is not a file"]),
+    ("cache-dir-unwritable", ["run", "bbeh", "--cache-dir", "cache/genopt"], {"cache/.keep": ""}, {},
+     ["cache_dir: cache/genopt is not writable (cache is not writable)", "--no-cache"]),
+    ("cache-file-read-only", ["run", "bbeh", "--cache-dir", "cache"], {"cache/llm-cache.sqlite": ""}, {},
+     ["cache_dir: cache/llm-cache.sqlite is read-only"]),
+    ("cache-dir-is-a-file", ["run", "bbeh", "--cache-dir", "cache"], {"cache": "x"}, {},
+     ["cache_dir: cache is not a directory"]),
+    ("study-cache-dir-unwritable", ["study", "bbeh", "--cache-dir", "cache"], {"cache/.keep": ""}, {},
+     ["cache_dir: cache is not writable"]),
     ("resume-without-store", ["resume", "0123456789abcdef", "--tracking-uri", "sqlite:///none.db"], {}, {},
      ["no MLflow database at none.db", "pass the --tracking-uri the run was logged to"]),
     # studies
@@ -163,34 +209,92 @@ def fake_endpoint():
         yield server
 
 
-@pytest.mark.parametrize("name,argv,files,env,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_and_leaves_nothing(tmp_path, fake_endpoint, name, argv, files, env,
-                                                     expected):
-    if name == "bbeh-no-data-and-no-network" and online():
-        pytest.skip("this machine can download BBEH")
+def empty_mlflow_db(directory: Path) -> bytes:
+    """The bytes of a real MLflow SQLite store with no run in it (made in ``directory``)."""
+    from mlflow import MlflowClient
+
+    path = directory / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> bytes:
+    return empty_mlflow_db(tmp_path_factory.mktemp("store"))
+
+
+def _without_permission_override() -> None:
+    """In the command's process (before exec): drop CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and
+    CAP_FOWNER from the bounding set, so that root obeys file modes like any user (a no-op,
+    refused, for a user who has none of them anyway)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2, 3):
+        libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
+def _runs(db: Path) -> list[tuple[str, str]]:
+    import sqlite3
+
+    with sqlite3.connect(db) as connection:
+        return connection.execute("SELECT run_uuid, status FROM runs").fetchall()
+
+
+def check_case(case, workdir: Path, fake_url: str, mlflow_db: bytes) -> list[str]:
+    """Run one case of :data:`CASES` in the empty directory ``workdir``; the promises it broke
+    (empty: one line naming the problem, exit != 0, no traceback, nothing written, no run).
+    ``bench/bench_reliability.py`` runs the table through this too."""
+    name, argv, files, env, expected = case
     for relative, content in files.items():
-        path = tmp_path / relative
+        path = workdir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
+        content = mlflow_db if content is MLFLOW_DB else content
         (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    modes = MODES.get(name, {})
+    for relative, mode in modes.items():
+        os.chmod(workdir / relative, mode)
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
     closed = closed_port()
-    argv = [a.format(fake=fake_endpoint.base_url, closed=closed) for a in argv]
+    argv = [a.format(fake=fake_url, closed=closed) for a in argv]
     environment = {k: v for k, v in os.environ.items()
                    if not k.startswith(("MLFLOW_", "OPENAI_", "GENOPT_"))}
-    environment.update(HOME=str(tmp_path), GENOPT_CACHE_DIR=str(tmp_path / "genopt-cache"),
+    environment.update(HOME=str(workdir), GENOPT_CACHE_DIR=str(workdir / "genopt-cache"),
                        MLFLOW_DISABLE_TELEMETRY="true")
     for key, value in env.items():
         if value is not None:
             environment[key] = value
-    done = subprocess.run([sys.executable, "-m", "mlflow_genopt.cli", *argv], cwd=tmp_path,
-                          env=environment, capture_output=True, text=True, timeout=120)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mlflow_genopt.cli", *argv], cwd=workdir,
+                              env=environment, capture_output=True, text=True, timeout=120,
+                              preexec_fn=_without_permission_override if modes else None)
+    finally:
+        for relative in modes:
+            os.chmod(workdir / relative, 0o755 if (workdir / relative).is_dir() else 0o644)
 
-    report = f"exit {done.returncode}\nstdout: {done.stdout[-1500:]}\nstderr: {done.stderr[-3000:]}"
-    assert done.returncode != 0, report
-    assert "Traceback" not in done.stderr, report
+    broken = []
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, report
-    for text in expected:
-        assert text in errors[0], report
-    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    assert after == before, f"left behind: {sorted(set(after) - set(before))}\n{report}"
+    if done.returncode == 0:
+        broken.append("exit 0")
+    if "Traceback" in done.stderr:
+        broken.append("a traceback")
+    if len(errors) != 1:
+        broken.append(f"{len(errors)} error lines")
+    broken += [f"the line lacks {text!r}" for text in expected if errors and text not in errors[0]]
+    after = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    if after != before:
+        broken.append(f"left behind: {sorted(map(str, set(after) - set(before)))}")
+    for relative, content in files.items():  # a store that was there holds no run (RUNNING or other)
+        if content is MLFLOW_DB and (runs := _runs(workdir / relative)):
+            broken.append(f"runs left in {relative}: {runs}")
+    if broken:
+        broken.append(f"exit {done.returncode}\nstdout: {done.stdout[-1500:]}\nstderr: {done.stderr[-3000:]}")
+    return broken
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_leaves_nothing(tmp_path, fake_endpoint, mlflow_db, case):
+    if case[0] == "bbeh-no-data-and-no-network" and online():
+        pytest.skip("this machine can download BBEH")
+    broken = check_case(case, tmp_path, fake_endpoint.base_url, mlflow_db)
+    assert not broken, "\n".join(broken)

@@ -461,6 +461,9 @@ def run_study(
         from ..tracking import check_tracking_uri
 
         check_tracking_uri(tracking_uri)  # before the storage, its lock file or any run exist
+    from ..build import check_cache_dir
+
+    check_cache_dir(cache_dir)
     runner = _StudyRunner(
         config, tracking_uri=tracking_uri, experiment=experiment, cache_dir=cache_dir,
         optimizer_llm=optimizer_llm, task_llm=task_llm, base_url=base_url, callbacks=callbacks,

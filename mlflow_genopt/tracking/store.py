@@ -43,6 +43,8 @@ def check_tracking_uri(tracking_uri: str, timeout_s: float = 5.0) -> None:
     import urllib.request
 
     refuse_file_store(tracking_uri, ConfigError)
+    if tracking_uri.startswith(_SQLITE):
+        _check_sqlite_writable(tracking_uri)
     if urlparse(tracking_uri).scheme not in ("http", "https"):
         return
     try:
@@ -55,6 +57,30 @@ def check_tracking_uri(tracking_uri: str, timeout_s: float = 5.0) -> None:
             f"tracking_uri: no MLflow tracking server answers at {tracking_uri} ({reason}); start "
             "one (mlflow server ...), or use --tracking-uri sqlite:///mlflow.db or --no-tracking"
         ) from None
+
+
+def _check_sqlite_writable(tracking_uri: str) -> None:
+    """A SQLite store must be a writable file in a writable directory (SQLite writes its journal
+    next to it; the artifacts go to ``mlruns/`` beside it), or be creatable: otherwise MLflow
+    fails on its first write with a long traceback, after part of the run was set up."""
+    path = Path(tracking_uri[len(_SQLITE):].split("?", 1)[0])
+    if not str(path) or str(path) == ":memory:":
+        return
+    if path.exists():
+        if not path.is_file():
+            raise ConfigError(f"tracking_uri: {path} is not a file; pass sqlite:///path/to/mlflow.db")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigError(f"tracking_uri: {path} is read-only (no write permission); make it "
+                              "writable or pass another --tracking-uri sqlite:///path/mlflow.db")
+        directory = path.parent
+    else:
+        directory = path.parent
+        while not directory.exists() and directory != directory.parent:
+            directory = directory.parent
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"tracking_uri: the directory {directory} of {path.name} is not writable "
+                          "(SQLite writes its journal and the run artifacts there); pass another "
+                          "--tracking-uri sqlite:///path/mlflow.db")
 
 
 def create_sqlite_store_atomically(tracking_uri: str) -> None:

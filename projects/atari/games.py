@@ -46,12 +46,31 @@ Adding a game
    description that tells the optimizer how the game is won.
 3. Add the game's colours to ``PIXEL_CHECKS`` in ``tests/test_atari_objects.py`` so that the
    mapping is checked against rendered frames, and a starting policy in ``policies.py``.
+
+Adding a game without touching this file (a plug-in)
+----------------------------------------------------
+A package of your own registers a :class:`GameSpec` under the entry-point group
+:data:`GAME_ENTRY_POINT_GROUP` (``genopt_projects.atari_games``)::
+
+    [project.entry-points."genopt_projects.atari_games"]
+    Boxing = "genopt_boxing:GAME"
+
+The spec carries everything a shipped game has: the ROM, the extractor, the categories, the
+description, and optionally ``planner`` (the analysis function of ``<Game>.modular``) and
+``starting_policy`` (the source of ``select_action(obs)`` that ``<Game>.single`` starts from;
+default: a random policy whose docstring describes the game). ``get_game`` and every part of the
+case study (``genopt run atari --task Boxing``, the starting artifacts, the rollout workers)
+find it next to the shipped eight; :data:`GAMES` stays the shipped eight, :func:`all_games`
+has both. The plug-in must be a package (a directory with ``__init__.py``), not a lone module:
+rollout workers import it inside the sandbox, which exposes package directories by name.
+``examples/atari_boxing`` is a complete one.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 CategoryKind = Literal["one", "many", "value"]
 
@@ -69,6 +88,20 @@ class Category:
 
 
 Extractor = Callable[[Sequence[int], Any], dict]
+GAME_ENTRY_POINT_GROUP = "genopt_projects.atari_games"
+
+
+@dataclass(frozen=True)
+class Planner:
+    """The analysis function of a game's ``modular`` starting policy: its ``name``, what it
+    should compute (``description``, its docstring), the ``stub`` body it starts from, and
+    ``plan_doc``, the line of ``select_action``'s docstring that describes its first argument
+    (``"<arg>: what <name>(obs) returned ..."``; the text before ``:`` names the argument)."""
+
+    name: str
+    description: str
+    stub: str = "return None"
+    plan_doc: str = "plan: what the analysis function returned"
 
 
 @dataclass(frozen=True)
@@ -90,6 +123,8 @@ class GameSpec:
     extract: Extractor = field(repr=False)
     needs_screen: bool = False
     notes: str = ""
+    planner: Planner | None = None
+    starting_policy: str | None = None  # source of select_action(obs) for <Game>.single
 
     @property
     def n_actions(self) -> int:
@@ -594,16 +629,79 @@ GAMES: dict[str, GameSpec] = {
 }
 
 
+class GamePluginError(ValueError):
+    """A registered game plug-in cannot be used (one line naming the entry point)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _plugins() -> tuple[Mapping[str, GameSpec], Mapping[str, str]]:
+    from importlib import metadata
+
+    games: dict[str, GameSpec] = {}
+    packages: dict[str, str] = {}
+    for entry in sorted(metadata.entry_points(group=GAME_ENTRY_POINT_GROUP), key=lambda e: e.name):
+        where = f"Atari game plug-in {entry.name!r} ({entry.value}, entry point group {GAME_ENTRY_POINT_GROUP})"
+        try:
+            spec = entry.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in is named, not a traceback
+            raise GamePluginError(f"{where}: cannot be loaded: {type(exc).__name__}: {exc}") from None
+        if not isinstance(spec, GameSpec):
+            raise GamePluginError(f"{where}: is a {type(spec).__name__}, not a "
+                                  "genopt_projects.atari.games.GameSpec")
+        known = {g.name.lower() for g in (*GAMES.values(), *games.values())}
+        if spec.name.lower() in known:
+            raise GamePluginError(f"{where}: a game called {spec.name!r} exists already")
+        if not spec.name.isidentifier():
+            raise GamePluginError(f"{where}: the game name {spec.name!r} must be an identifier")
+        if spec.starting_policy is not None and not _defines(spec.starting_policy, "select_action"):
+            raise GamePluginError(f"{where}: starting_policy must be Python source that defines "
+                                  "select_action(obs)")
+        games[spec.name] = spec
+        packages[spec.name] = entry.module.split(".")[0]
+    return games, packages
+
+
+def _defines(source: Any, function: str) -> bool:
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, TypeError, ValueError):
+        return False
+    return any(isinstance(node, ast.FunctionDef) and node.name == function for node in tree.body)
+
+
+def plugin_games() -> Mapping[str, GameSpec]:
+    """The games registered by plug-ins (entry-point group :data:`GAME_ENTRY_POINT_GROUP`)."""
+    return _plugins()[0]
+
+
+def plugin_package(name: str) -> str | None:
+    """The top-level package that registered game ``name`` (``None`` for a shipped game): the
+    rollout sandbox must expose it to the worker, which imports it."""
+    return _plugins()[1].get(get_game(name).name)
+
+
+def all_games() -> dict[str, GameSpec]:
+    """The shipped eight, then the plug-ins' games."""
+    return {**GAMES, **plugin_games()}
+
+
 def get_game(name: str) -> GameSpec:
-    """The spec of ``name`` (case-insensitive; ``"ALE/Pong-v5"`` also accepted)."""
+    """The spec of ``name`` (case-insensitive; ``"ALE/Pong-v5"`` also accepted), shipped or a
+    plug-in's."""
     if isinstance(name, GameSpec):
         return name
     key = str(name).split("/")[-1].split("-")[0].lower()
     for spec in GAMES.values():
         if spec.name.lower() == key or spec.rom == key:
             return spec
-    raise ValueError(f"unknown Atari game {name!r}; known: {sorted(GAMES)}")
+    for spec in plugin_games().values():
+        if spec.name.lower() == key or spec.rom == key:
+            return spec
+    raise ValueError(f"unknown Atari game {name!r}; known: {sorted(all_games())}")
 
 
-__all__ = ["Category", "GameSpec", "GAMES", "get_game", "obj"]
+__all__ = ["Category", "GAME_ENTRY_POINT_GROUP", "GAMES", "GamePluginError", "GameSpec", "Planner",
+           "all_games", "get_game", "obj", "plugin_games", "plugin_package"]
 

@@ -1,8 +1,10 @@
-"""Starting policy programs for the eight games: what the optimizer edits and where it starts.
+"""Starting policy programs for the games: what the optimizer edits and where it starts.
 
 A policy program is a few Python functions; the rollout worker calls its entry function
 ``act(obs) -> int`` once per agent step (see :mod:`genopt_projects.atari.policy_runner`).
-Every game has two starting artifacts (``STARTING_POLICIES[game]``, and for the project
+Every game has two starting artifacts (``STARTING_POLICIES[game]`` for the shipped eight,
+:func:`starting_policy` for plug-in games too, whose ``GameSpec.planner`` and
+``GameSpec.starting_policy`` shape them; and for the project
 ``--init <Game>.single`` / ``--init <Game>.modular``):
 
 * ``"single"``: one trainable function ``select_action(obs)``, whose docstring explains the game,
@@ -26,11 +28,12 @@ executes; ``artifact_spec()`` gives the matching :class:`~mlflow_genopt.artifact
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from dataclasses import dataclass
 from typing import Mapping
 
-from .games import GAMES, GameSpec, get_game
+from .games import GAMES, GameSpec, Planner, get_game, plugin_games
 
 ENTRY = "act"
 HEADER = "import math\nimport random\n"
@@ -186,16 +189,31 @@ _PLANNERS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+_DEFAULT_PLANNER = Planner(
+    "analyze", "Work out what select_action needs from this observation (where a moving object "
+    "will be, which target to go for, which danger to avoid); return any value, or None.")
+
+
+def _planner(spec: GameSpec) -> tuple[str, str, str, str]:
+    """(name, docstring, stub body, plan doc) of the game's analysis function: the spec's own
+    (plug-ins), the shipped table's, else a generic ``analyze``."""
+    planner = spec.planner or (None if spec.name in _PLANNERS else _DEFAULT_PLANNER)
+    if planner is None:
+        return _PLANNERS[spec.name]
+    return planner.name, planner.description, planner.stub, planner.plan_doc
+
+
 def _build(spec: GameSpec) -> dict[str, StartingPolicy]:
     select_single = PolicyFunction(
-        "select_action", _random_select(spec, "obs"),
+        "select_action", spec.starting_policy or _random_select(spec, "obs"),
         f"{spec.name} policy: maps one observation (a dict of objects) to an action index.")
     single = StartingPolicy(
-        spec.name, "single", "One trainable select_action(obs), starting as a random policy.",
+        spec.name, "single", "One trainable select_action(obs), starting as "
+        + ("the game's own starting policy." if spec.starting_policy else "a random policy."),
         (select_single,
          PolicyFunction(ENTRY, f"def {ENTRY}(obs):\n    return select_action(obs)\n",
                         "Entry point called once per step (frozen).", trainable=False)))
-    planner, planner_doc, stub, plan_doc = _PLANNERS[spec.name]
+    planner, planner_doc, stub, plan_doc = _planner(spec)
     plan_arg = plan_doc.split(":")[0]
     analysis = PolicyFunction(
         planner,
@@ -268,10 +286,15 @@ GENERIC_POLICIES: dict[str, StartingPolicy] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _plugin_policies(name: str) -> dict[str, StartingPolicy]:
+    return _build(plugin_games()[name])
+
+
 def planner_hint(game: str) -> str:
     """What the game-specific modular policy's analysis function computes (a suggestion for the
     generic ``analyze``)."""
-    name, doc, _, _ = _PLANNERS[get_game(game).name]
+    name, doc, _, _ = _planner(get_game(game))
     return f"{doc} (In the {get_game(game).name}-specific starting artifact it is called {name}.)"
 
 
@@ -279,7 +302,7 @@ def all_starting_policies() -> dict[str, StartingPolicy]:
     """Every starting policy by its project name: ``single``, ``modular``, then
     ``<Game>.single`` and ``<Game>.modular`` for each game."""
     policies = dict(GENERIC_POLICIES)
-    for variants in STARTING_POLICIES.values():
+    for variants in (*STARTING_POLICIES.values(), *map(_plugin_policies, plugin_games())):
         for policy in variants.values():
             policies[policy.init_name] = policy
     return policies
@@ -289,7 +312,7 @@ def starting_policy(game: str, variant: str = "single") -> StartingPolicy:
     """The starting artifact ``variant`` (``"single"`` or ``"modular"``) of ``game``."""
     spec = get_game(game)
     try:
-        return STARTING_POLICIES[spec.name][variant]
+        return (STARTING_POLICIES.get(spec.name) or _plugin_policies(spec.name))[variant]
     except KeyError:
         raise ValueError(f"unknown variant {variant!r} for {spec.name}; known: {list(VARIANTS)}") from None
 

@@ -34,8 +34,8 @@ from typing import Any, Sequence
 
 from mlflow_genopt.sandbox import SandboxLimits, SandboxResult, run_function
 
-from .games import get_game
-from .worker import ENTRY_FUNCTION, ENTRY_SOURCE
+from .games import get_game, plugin_package
+from .worker import ENTRY_FUNCTION, entry_source
 
 
 @dataclass(frozen=True)
@@ -205,10 +205,12 @@ class PolicyRunner:
             max_output_bytes=4_000_000,
         )
         calls = [([self._job(source, seed, state)], {}) for seed, state in episodes]
-        # the entry point imports genopt_projects.atari.worker, which an editable install finds
-        # only through its import hook: the sandbox must expose the package to the dedicated uid
-        outcomes = run_function(ENTRY_SOURCE, ENTRY_FUNCTION, calls, limits=limits,
-                                expose_packages=("genopt_projects",))
+        # the entry point imports genopt_projects.atari.worker (and a plug-in game's package),
+        # which an editable install finds only through its import hook: the sandbox must expose
+        # the packages to the dedicated uid
+        plugin = plugin_package(c.game)
+        outcomes = run_function(entry_source(), ENTRY_FUNCTION, calls, limits=limits,
+                                expose_packages=("genopt_projects",) + ((plugin,) if plugin else ()))
         results = [self._result(seed, outcome) for (seed, _), outcome in zip(episodes, outcomes)]
         for result, (_, state) in zip(results, episodes):
             result.start_state = state

@@ -10,8 +10,10 @@ from how many the optimizer sees.
 
 from __future__ import annotations
 
+from mlflow_genopt.config import ConfigError
 from mlflow_genopt.project import Project
 
+from .games import GamePluginError
 from .task import OPTIONS, make_task, starting_artifacts
 
 DEFAULTS = {
@@ -27,13 +29,16 @@ DEFAULTS = {
     "optimizer_max_tokens": 2048,
 }
 
-_STARTING = starting_artifacts()
+try:  # includes the starting policies of plug-in games (entry-point group genopt_projects.atari_games)
+    _STARTING = starting_artifacts()
+except GamePluginError as exc:
+    raise ConfigError(str(exc)) from None
 
 
 PROJECT = Project(
     name="atari",
     description="Atari games (--task Pong, Breakout, SpaceInvaders, Asterix, Enduro, Freeway, Qbert, "
-                "Seaquest): policy programs; credit horizon and update frequency",
+                "Seaquest, and plug-in games): policy programs; credit horizon and update frequency",
     starting_artifacts=_STARTING,
     make_task=make_task,
     defaults=DEFAULTS,

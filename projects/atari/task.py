@@ -65,7 +65,7 @@ from mlflow_genopt.config import ConfigError, env_steps
 from mlflow_genopt.project import TaskOption, TaskSetup
 from mlflow_genopt.task import EvalContext, Example, TraceStep, Trial
 
-from .games import GAMES, GameSpec, get_game
+from .games import GameSpec, GamePluginError, all_games, get_game
 from .policies import ANY_GAME, StartingPolicy, all_starting_policies, planner_hint
 from .policy_runner import EpisodeResult, PolicyRunner, RolloutConfig
 
@@ -440,8 +440,11 @@ def make_task(setup: TaskSetup) -> AtariTask:
     config, settings = setup.config, dict(setup.options)
     try:
         game = get_game(config.task)
+    except GamePluginError as exc:
+        raise ConfigError(str(exc)) from None
     except ValueError:
-        raise ConfigError(f"task: unknown Atari game {config.task!r}; choose one of {', '.join(GAMES)}") from None
+        raise ConfigError(f"task: unknown Atari game {config.task!r}; choose one of "
+                          f"{', '.join(all_games())}") from None
     policy = all_starting_policies()[setup.starting.name]
     if settings["workers"] is None:
         settings["workers"] = max(1, min(config.max_workers, os.cpu_count() or 1))

@@ -42,6 +42,30 @@ ENTRY_SOURCE = (
 )
 
 
+def entry_source() -> str:
+    """:data:`ENTRY_SOURCE`, preceded by what makes the worker import what this process
+    imports: this process's ``sys.path`` directories (the sandbox's interpreter starts without
+    ``PYTHONPATH``; the sandbox exposes these directories anyway), where a plug-in game may be
+    installed, and ``genopt_projects`` loaded from the directory this process loaded it from
+    (where another copy is installed, e.g. a second checkout next to an editable install, the
+    worker would otherwise run that copy and not know the games this process knows)."""
+    import os
+
+    root = os.path.realpath(os.path.dirname(sys.modules["genopt_projects"].__file__))
+    paths = [p for p in dict.fromkeys(sys.path) if p and os.path.isabs(p) and os.path.isdir(p)]
+    return (
+        "import importlib.util as _genopt_util, sys as _genopt_sys\n"
+        f"_genopt_sys.path.extend(p for p in {paths!r} if p not in _genopt_sys.path)\n"
+        "if 'genopt_projects' not in _genopt_sys.modules:\n"
+        f"    _spec = _genopt_util.spec_from_file_location('genopt_projects', {os.path.join(root, '__init__.py')!r},\n"
+        f"                                                 submodule_search_locations=[{root!r}])\n"
+        "    _module = _genopt_util.module_from_spec(_spec)\n"
+        "    _genopt_sys.modules['genopt_projects'] = _module\n"
+        "    _spec.loader.exec_module(_module)\n"
+        + ENTRY_SOURCE
+    )
+
+
 class PolicyTimeout(BaseException):
     """Raised inside a policy call that overran its time limit (a BaseException, so that a
     policy's ``except Exception`` does not swallow it)."""

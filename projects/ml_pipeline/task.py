@@ -81,6 +81,7 @@ from mlflow_genopt.config import ConfigError
 from mlflow_genopt.project import TaskOption, TaskSetup
 from mlflow_genopt.sandbox import SandboxLimits, SandboxResult, run_function
 from mlflow_genopt.task import EvalContext, Example, FixedSplits, Trial
+from mlflow_genopt.time_limits import AdaptiveTimeLimit
 
 from .data import GENERIC_TASK, TASKS, TabularData, TaskDefinition, generic_definition, load_task_data
 from .metrics import METRICS, Metric, canonical_label, failure_floor, score_predictions
@@ -109,6 +110,9 @@ DIRECTIONS = (
     "combine complementary models (averaging or stacking) instead of replacing one",
 )
 
+TIME_ADVICE = ("Make the pipeline faster: fewer or smaller models, fewer features, no "
+               "unbounded loops.")
+
 OPTIONS = (
     TaskOption("data_dir", "str", help="Kaggle or MLAgentBench layout directory, or the csv task's file"),
     TaskOption("target", "str", help="csv task: the column to predict"),
@@ -121,7 +125,11 @@ OPTIONS = (
                "test labels", minimum=0.0, maximum=0.5),
     TaskOption("split_seed", "int", 0, "seed of the row split", minimum=0, maximum=2**32 - 1),
     TaskOption("max_train_rows", "int", None, "seeded subsample of the labelled rows", minimum=20),
-    TaskOption("timeout_s", "float", 120.0, "wall clock per trial", minimum=1.0, maximum=86_400.0),
+    TaskOption("timeout_s", "float", 120.0, "most wall clock per trial", minimum=1.0, maximum=86_400.0),
+    TaskOption("timeout_factor", "float", 5.0, "per-trial limit = this x the starting version's "
+               "time (0: always timeout_s)", minimum=0.0, maximum=1000.0),
+    TaskOption("timeout_floor_s", "float", 20.0, "least per-trial limit", minimum=1.0,
+               maximum=86_400.0),
     TaskOption("memory_mb", "int", 4096, "address space of a sandbox process", minimum=256,
                maximum=1 << 20),
     TaskOption("staged_feedback", "bool", True, "guidance by metric level"),
@@ -162,8 +170,10 @@ class TabularTask(FixedSplits):
     task; ``metric`` also overrides a named task's primary metric), ``n_folds`` (5),
     ``val_fraction`` (0.2), ``holdout_fraction`` (0.2; only where the source has no test labels),
     ``split_seed`` (0), ``max_train_rows`` (none: a seeded subsample of the labelled rows, for
-    speed), ``timeout_s`` (120, wall clock per trial), ``memory_mb`` (4096, address space of the
-    sandbox process), ``staged_feedback`` (true), ``stage_thresholds`` (comma-separated values of
+    speed), ``timeout_s`` (120, the most wall clock per trial), ``timeout_factor`` (5) and
+    ``timeout_floor_s`` (20: a trial may take ``timeout_factor`` x the starting version's measured
+    time, at least the floor, at most ``timeout_s``; see :mod:`mlflow_genopt.time_limits`),
+    ``memory_mb`` (4096, address space of the sandbox process), ``staged_feedback`` (true), ``stage_thresholds`` (comma-separated values of
     the primary metric; defaults per task), ``improvement_feedback`` (true).
     """
 
@@ -171,6 +181,7 @@ class TabularTask(FixedSplits):
                  metric: str | None = None, n_folds: int = 5, val_fraction: float = 0.2,
                  holdout_fraction: float = 0.2, split_seed: int = 0,
                  max_train_rows: int | None = None, timeout_s: float = 120.0,
+                 timeout_factor: float = 5.0, timeout_floor_s: float = 20.0,
                  memory_mb: int = 4096, staged_feedback: bool = True,
                  stage_thresholds: str | Sequence[float] | None = None,
                  improvement_feedback: bool = True, seed: int = 0) -> None:
@@ -181,6 +192,8 @@ class TabularTask(FixedSplits):
         self.report = (self.metric.name,) + tuple(m for m in definition.report if m != self.metric.name
                                                   and METRICS[m].problem_type == definition.problem_type)
         self.timeout_s = float(timeout_s)
+        self.time_limit = AdaptiveTimeLimit(self.timeout_s, float(timeout_factor),
+                                            min(float(timeout_floor_s), self.timeout_s))
         self.memory_mb = int(memory_mb)
         self.staged_feedback = bool(staged_feedback)
         # "how this version compares with its parent" is the loop's history note (core)
@@ -192,6 +205,12 @@ class TabularTask(FixedSplits):
         target = definition.target
         if labeled[target].isna().any():
             labeled = labeled[labeled[target].notna()]
+        needed = 2 * int(n_folds) + 2  # folds of at least two rows, a validation and a test row
+        if len(labeled) < needed:
+            what = ("has no values (every row is empty or NaN)" if len(labeled) == 0 and len(data.labeled)
+                    else f"has {len(labeled)} labelled row(s)")
+            raise ConfigError(f"{data.source}: target column {target!r} {what}; at least {needed} "
+                              f"are needed for n_folds={int(n_folds)}, a validation and a test part")
         if max_train_rows is not None:
             rows = int(max_train_rows)
             if rows < len(labeled):
@@ -310,7 +329,8 @@ class TabularTask(FixedSplits):
             f"otherwise. Each training trial is one of {n_folds} cross-validation folds; the "
             f"validation score selects the final version. Metrics shown: {', '.join(self.report)}. "
             "The code runs offline with pandas, numpy, scikit-learn and xgboost, within "
-            f"{self.timeout_s:g} s and {self.memory_mb} MB per trial. With pandas 3, cast bool and "
+            f"at most {self.timeout_s:g} s and {self.memory_mb} MB per trial (the time limit "
+            "follows the starting pipeline's time: a trial over it fails). With pandas 3, cast bool and "
             "object columns with .astype(str) before making them categorical."
         )
 
@@ -333,6 +353,21 @@ class TabularTask(FixedSplits):
     def close(self) -> None:
         pass
 
+    # --- the time limit: the task's state ---------------------------------------------------
+    def trial_key(self, example: Example, context: EvalContext | None = None) -> str | None:
+        """The example id; ``None`` (not cached) for the starting version's validation while
+        its time is unmeasured, so that the time limit is measured in every new loop."""
+        if (context is not None and context.phase == "validation" and context.step == 0
+                and self.time_limit.needs_measurement):
+            return None
+        return example.id
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"time_limit": self.time_limit.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.time_limit.load_state_dict((state or {}).get("time_limit") or {})
+
     # --- running in the sandbox -----------------------------------------------------------
     def module_source(self, version: ArtifactVersion) -> str:
         names = [n for n in PARAMETER_ORDER if n in version.values]
@@ -349,7 +384,7 @@ class TabularTask(FixedSplits):
         return self.labeled.iloc[rows].drop(columns=[self.definition.target])
 
     def _limits(self, n_calls: int, predicted_rows: int, extra_s: float = 0.0) -> SandboxLimits:
-        return SandboxLimits(timeout_s=self.timeout_s * n_calls + extra_s, memory_mb=self.memory_mb,
+        return SandboxLimits(timeout_s=self.time_limit.limit() * n_calls + extra_s, memory_mb=self.memory_mb,
                              max_output_bytes=max(1_000_000, 64 * predicted_rows + 100_000),
                              max_file_mb=256)
 
@@ -377,16 +412,21 @@ class TabularTask(FixedSplits):
                 job["holdout_rows"] = np.searchsorted(_union(scope), scope.score_rows).tolist()
             calls.append(([job], {}))
         predicted = sum(len(s.score_rows) if s.score_rows is not None else len(self.test_file) for s in scopes)
+        started = time.monotonic()
         results = run_function(self.module_source(version), "_genopt_trial", calls, preamble=HARNESS_SOURCE,
                                files=files, limits=self._limits(len(calls), predicted))
-        return [self._outcome(scope, result) for scope, result in zip(scopes, results)]
+        if version.parent_id is None and all(r.ok for r in results):  # the starting version
+            self.time_limit.observe((time.monotonic() - started) / len(calls))
+        return [self._outcome(scope, result, len(calls)) for scope, result in zip(scopes, results)]
 
     def _truth(self, scope: _Scope):
         if scope.score_rows is None:
             return list(self.test_truth)
         return list(self.labeled[self.definition.target].iloc[scope.score_rows])
 
-    def _outcome(self, scope: _Scope, result: SandboxResult) -> _Outcome:
+    def _outcome(self, scope: _Scope, result: SandboxResult, n_calls: int = 1) -> _Outcome:
+        if not result.ok and (result.error or "").startswith("timeout after"):
+            return _Outcome(self.floor, error=self.time_limit.exceeded(n_calls, TIME_ADVICE))
         if not result.ok:
             return _Outcome(self.floor, error=result.error or "failed",
                             traceback=result.traceback_tail or _tail(result.stderr_tail, 8))
