@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 from .config import ConfigError, LoopConfig
 from .evaluation import EvalCache
+from .executor import Executor, make_executor
 from .events import LoopCallback, LoopResult, dispatch
 from .llm import check_key, make_llm
 from .llm.base import LLM, ObservedLLM
@@ -78,9 +79,14 @@ class BuiltLoop:
     project: Project
     usage: UsageMeter
     llms: list[LLM] = field(default_factory=list)
+    executor: Executor | None = None
 
     def close(self) -> None:
-        self.task.close()
+        try:
+            self.task.close()
+        finally:
+            if self.executor is not None:
+                self.executor.close()
 
     def __enter__(self) -> "BuiltLoop":
         return self
@@ -149,9 +155,14 @@ def build_loop(
             inner_task_llm = opt_llm
         else:
             inner_task_llm = model(config.task_model)
-    setup = project.setup(config, ObservedLLM(inner_task_llm, "task", [report])
-                          if inner_task_llm is not None else None)
-    built_task = project.make_task(setup)
+    executor = make_executor(config.executor)  # a scheduler it cannot reach fails here
+    try:
+        setup = project.setup(config, ObservedLLM(inner_task_llm, "task", [report])
+                              if inner_task_llm is not None else None, executor)
+        built_task = project.make_task(setup)
+    except BaseException:
+        executor.close()
+        raise
     try:
         for llm in made:
             check_key(llm)  # a rejected API key fails here, before the MLflow run exists
@@ -161,8 +172,9 @@ def build_loop(
                             eval_cache=EvalCache(cache), export_dir=export_dir)
     except BaseException:
         built_task.close()
+        executor.close()
         raise
-    return BuiltLoop(loop, built_task, project, usage, made)
+    return BuiltLoop(loop, built_task, project, usage, made, executor)
 
 
 def run_loop(
@@ -200,7 +212,8 @@ def run_loop(
     tracking has logged the files under ``export/``). ``register_prompts``: with tracking on,
     register the selected version's trainable prompt parameters in the MLflow Prompt Registry.
     Raises :class:`~mlflow_genopt.config.ConfigError` or :class:`~mlflow_genopt.llm.LLMError`
-    with a one-line message for bad input.
+    with a one-line message for bad input, and :class:`~mlflow_genopt.executor.ExecutorError`
+    when ``config.executor``'s cluster fails (the run is then marked failed and resumable).
     """
     tracker, resume_state, uri = _tracking(config, tracking, resume, experiment, run_name,
                                            nested, progress)

@@ -241,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep the progress lines readable
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = make_parser().parse_args(argv)
+    from .executor import ExecutorError
     from .llm.base import LLMError
 
     try:
@@ -248,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, LLMError) as exc:
         print(f"genopt: error: {exc}", file=sys.stderr)
         return 2
+    except ExecutorError as exc:  # infrastructure: the run is failed and resumable
+        print(f"genopt: error: {exc}; run the same command again to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("genopt: interrupted", file=sys.stderr)
         return 130
