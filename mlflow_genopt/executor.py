@@ -43,6 +43,7 @@ timeout, memory) stays what it is locally: a failed trial from the sandbox, not 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import re
 import threading
 import time
@@ -168,6 +169,9 @@ class DaskExecutor(Executor):
         except ImportError:
             raise ExecutorError(f"executor: {spec} needs the Dask 'distributed' package; install "
                                 "mlflow-genopt[dask] (or use --executor local)") from None
+        # distributed logs every lost connection on the client; the executor reports what
+        # matters itself, as one line (ExecutorError)
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
         self.spec = spec
         self.no_workers_timeout_s = no_workers_timeout_s
         self.scheduler_timeout_s = scheduler_timeout_s
