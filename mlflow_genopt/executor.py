@@ -205,7 +205,9 @@ class DaskExecutor(Executor):
 
     def share(self, value: Any) -> Any:
         try:
-            future = self.client.scatter(value, broadcast=True, hash=True)
+            # a list, not the value: scatter() would send a dict's items under its keys as
+            # names, so two evaluations' {"train.csv": ...} would overwrite each other
+            [future] = self.client.scatter([value], broadcast=True, hash=True)
         except Exception as exc:  # noqa: BLE001
             raise ExecutorError(f"executor: cannot ship data to the workers of {self.spec} "
                                 f"({type(exc).__name__}: {_one_line(exc)})") from None
