@@ -171,7 +171,7 @@ class DaskExecutor(Executor):
                                 "mlflow-genopt[dask] (or use --executor local)") from None
         # distributed logs every lost connection on the client; the executor reports what
         # matters itself, as one line (ExecutorError)
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+        _quiet_distributed()
         self.spec = spec
         self.no_workers_timeout_s = no_workers_timeout_s
         self.scheduler_timeout_s = scheduler_timeout_s
@@ -324,6 +324,13 @@ def make_executor(spec: str | None = "local", *, max_threads: int | None = None)
         return DaskExecutor(spec, local_workers=int(cluster["n"]))
     remote = _REMOTE.match(spec)
     return DaskExecutor(spec, address=f"tcp://{remote['host']}:{remote['port']}")
+
+
+def _quiet_distributed() -> None:
+    # distributed's config gives several of its loggers their own levels: set each one
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def _one_line(exc: BaseException) -> str:
