@@ -181,7 +181,8 @@ class DaskExecutor(Executor):
             if local_workers is not None:
                 self._cluster = distributed.LocalCluster(
                     n_workers=local_workers, threads_per_worker=1, processes=True,
-                    dashboard_address=None, silence_logs=50)
+                    dashboard_address=None, scheduler_kwargs={"dashboard": False},
+                    silence_logs=logging.CRITICAL)
                 address = self._cluster.scheduler_address
             self.client = distributed.Client(address, timeout=connect_timeout_s,
                                              set_as_default=False)
