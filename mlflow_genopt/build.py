@@ -315,8 +315,10 @@ def _finish_step_on_sigint(loop: LearningLoop, enabled: bool):
         signal.signal(signal.SIGINT, previous)
 
 
-def resume_loop(run_id: str, *, tracking: str = "", **kwargs: Any) -> LoopResult:
-    """Continue the interrupted loop run ``run_id`` with the config it logged."""
+def resume_loop(run_id: str, *, tracking: str = "", executor: str | None = None,
+                **kwargs: Any) -> LoopResult:
+    """Continue the interrupted loop run ``run_id`` with the config it logged; ``executor``
+    replaces the logged one (where a loop runs is not part of its identity)."""
     from .tracking import check_tracking_uri, load_run_checkpoint
 
     uri = tracking or default_tracking_uri()
@@ -327,7 +329,10 @@ def resume_loop(run_id: str, *, tracking: str = "", **kwargs: Any) -> LoopResult
         raise ConfigError(str(exc)) from None
     if status == "FINISHED":
         raise ConfigError(f"run {run_id}: already finished; nothing to resume")
-    return run_loop(LoopConfig.from_params(params), tracking=uri, resume=run_id, **kwargs)
+    config = LoopConfig.from_params(params)
+    if executor is not None:
+        config = config.replace(executor=executor)
+    return run_loop(config, tracking=uri, resume=run_id, **kwargs)
 
 
 __all__ = ["BuiltLoop", "DEFAULT_CACHE_DIR", "DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI",

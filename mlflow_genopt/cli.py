@@ -94,7 +94,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
     result = resume_loop(args.run_id, tracking=tracking_uri, handle_sigint=True,
-                         **_shared_options(args))
+                         executor=args.executor, **_shared_options(args))
     return _report(result, tracking_uri, args.experiment)
 
 
@@ -212,6 +212,8 @@ def make_parser() -> argparse.ArgumentParser:
     resume.add_argument("--no-cache", action="store_true", help="disable the LLM response cache")
     resume.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint")
     resume.add_argument("--quiet", action="store_true", help="no progress lines")
+    resume.add_argument("--executor", default=None,
+                        help="where evaluations run (default: as the run logged it), e.g. local")
     resume.set_defaults(func=_cmd_resume)
 
     projects = sub.add_parser("projects", help="list projects and their starting artifacts",

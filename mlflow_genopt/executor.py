@@ -30,13 +30,15 @@ time: the Dask scheduler notices the lost worker and re-runs its unfinished unit
 remaining workers, and the evaluation's trials are identical to an uninterrupted one's. When
 re-running is impossible - a unit has killed ``allowed-failures`` workers (Dask's
 ``KilledWorker``, default 3), no worker has been connected for ``no_workers_timeout_s``, or
-the scheduler is gone for longer than ``scheduler_timeout_s`` - the evaluation raises
+the connection to the scheduler is lost (Dask cancels the pending units; a client that stays
+disconnected for ``scheduler_timeout_s`` counts as lost too) - the evaluation raises
 :class:`ExecutorError`. That is an *infrastructure* failure, never a bad candidate: the
 version is not scored (a worker's death says nothing about the program, and scoring it as a
 failure would reject a good candidate for a broken machine). The loop stops, the CLI prints
 one line (``genopt: error: executor: ...``) and exits non-zero, the MLflow run is marked
 failed with its last completed step checkpointed, and running the same command again (with a
-working executor, or ``--executor local``) resumes it. Anything generated code does (crash,
+working executor, or ``--executor local``; ``genopt resume RUN_ID --executor local``) resumes
+it. Anything generated code does (crash,
 timeout, memory) stays what it is locally: a failed trial from the sandbox, not an error here.
 """
 
