@@ -183,7 +183,7 @@ class DaskExecutor(Executor):
             if local_workers is not None:
                 self._cluster = distributed.LocalCluster(
                     n_workers=local_workers, threads_per_worker=1, processes=True,
-                    dashboard_address=None, scheduler_kwargs={"dashboard": False},
+                    dashboard_address=":0",  # a free port: never collide with a running one
                     silence_logs=logging.CRITICAL)
                 address = self._cluster.scheduler_address
             self.client = distributed.Client(address, timeout=connect_timeout_s,
