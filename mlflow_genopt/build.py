@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 from .config import ConfigError, LoopConfig
 from .evaluation import EvalCache
+from .executor import Executor, make_executor
 from .events import LoopCallback, LoopResult, dispatch
 from .llm import check_key, make_llm
 from .llm.base import LLM, ObservedLLM
@@ -102,9 +103,14 @@ class BuiltLoop:
     project: Project
     usage: UsageMeter
     llms: list[LLM] = field(default_factory=list)
+    executor: Executor | None = None
 
     def close(self) -> None:
-        self.task.close()
+        try:
+            self.task.close()
+        finally:
+            if self.executor is not None:
+                self.executor.close()
 
     def __enter__(self) -> "BuiltLoop":
         return self
@@ -174,9 +180,14 @@ def build_loop(
             inner_task_llm = opt_llm
         else:
             inner_task_llm = model(config.task_model)
-    setup = project.setup(config, ObservedLLM(inner_task_llm, "task", [report])
-                          if inner_task_llm is not None else None)
-    built_task = project.make_task(setup)
+    executor = make_executor(config.executor)  # a scheduler it cannot reach fails here
+    try:
+        setup = project.setup(config, ObservedLLM(inner_task_llm, "task", [report])
+                              if inner_task_llm is not None else None, executor)
+        built_task = project.make_task(setup)
+    except BaseException:
+        executor.close()
+        raise
     try:
         for llm in made:
             check_key(llm)  # a rejected API key fails here, before the MLflow run exists
@@ -186,8 +197,9 @@ def build_loop(
                             eval_cache=EvalCache(cache), export_dir=export_dir)
     except BaseException:
         built_task.close()
+        executor.close()
         raise
-    return BuiltLoop(loop, built_task, project, usage, made)
+    return BuiltLoop(loop, built_task, project, usage, made, executor)
 
 
 def run_loop(
@@ -225,7 +237,8 @@ def run_loop(
     tracking has logged the files under ``export/``). ``register_prompts``: with tracking on,
     register the selected version's trainable prompt parameters in the MLflow Prompt Registry.
     Raises :class:`~mlflow_genopt.config.ConfigError` or :class:`~mlflow_genopt.llm.LLMError`
-    with a one-line message for bad input.
+    with a one-line message for bad input, and :class:`~mlflow_genopt.executor.ExecutorError`
+    when ``config.executor``'s cluster fails (the run is then marked failed and resumable).
     """
     check_cache_dir(cache_dir)  # before the run exists
     tracker, resume_state, uri = _tracking(config, tracking, resume, experiment, run_name,
@@ -328,8 +341,10 @@ def _finish_step_on_sigint(loop: LearningLoop, enabled: bool):
         signal.signal(signal.SIGINT, previous)
 
 
-def resume_loop(run_id: str, *, tracking: str = "", **kwargs: Any) -> LoopResult:
-    """Continue the interrupted loop run ``run_id`` with the config it logged."""
+def resume_loop(run_id: str, *, tracking: str = "", executor: str | None = None,
+                **kwargs: Any) -> LoopResult:
+    """Continue the interrupted loop run ``run_id`` with the config it logged; ``executor``
+    replaces the logged one (where a loop runs is not part of its identity)."""
     from .tracking import check_tracking_uri, load_run_checkpoint
 
     uri = tracking or default_tracking_uri()
@@ -340,7 +355,10 @@ def resume_loop(run_id: str, *, tracking: str = "", **kwargs: Any) -> LoopResult
         raise ConfigError(str(exc)) from None
     if status == "FINISHED":
         raise ConfigError(f"run {run_id}: already finished; nothing to resume")
-    return run_loop(LoopConfig.from_params(params), tracking=uri, resume=run_id, **kwargs)
+    config = LoopConfig.from_params(params)
+    if executor is not None:
+        config = config.replace(executor=executor)
+    return run_loop(config, tracking=uri, resume=run_id, **kwargs)
 
 
 __all__ = ["BuiltLoop", "DEFAULT_CACHE_DIR", "DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI",

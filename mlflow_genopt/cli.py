@@ -94,7 +94,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
     result = resume_loop(args.run_id, tracking=tracking_uri, handle_sigint=True,
-                         **_shared_options(args))
+                         executor=args.executor, **_shared_options(args))
     return _report(result, tracking_uri, args.experiment)
 
 
@@ -212,6 +212,8 @@ def make_parser() -> argparse.ArgumentParser:
     resume.add_argument("--no-cache", action="store_true", help="disable the LLM response cache")
     resume.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint")
     resume.add_argument("--quiet", action="store_true", help="no progress lines")
+    resume.add_argument("--executor", default=None,
+                        help="where evaluations run (default: as the run logged it), e.g. local")
     resume.set_defaults(func=_cmd_resume)
 
     projects = sub.add_parser("projects", help="list projects and their starting artifacts",
@@ -241,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep the progress lines readable
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = make_parser().parse_args(argv)
+    from .executor import ExecutorError
     from .llm.base import LLMError
 
     try:
@@ -248,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, LLMError) as exc:
         print(f"genopt: error: {exc}", file=sys.stderr)
         return 2
+    except ExecutorError as exc:  # infrastructure: the run is failed and resumable
+        print(f"genopt: error: {exc}; run the same command again to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("genopt: interrupted", file=sys.stderr)
         return 130

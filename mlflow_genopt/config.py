@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .executor import check_executor
+
 ACCEPTANCE_RULES = ("always", "improve", "no_worse")
 EDIT_FORMATS = ("json", "tagged", "diff")
 SELECTIONS = ("current", "best", "pareto")
@@ -113,12 +115,16 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "task_temperature": None,
     "seed": 0,
     "max_workers": 4,
+    "executor": "local",
     "max_tokens": None,
     "max_cost_usd": None,
     "max_wall_time_s": None,
     "task_options": {},
 }
-DEFAULT_TASK_MODEL = "smollm2"  # for projects whose tasks call an LLM
+DEFAULT_TASK_MODEL = "smollm2"
+# Fields that say where a loop runs, not what it is: logged, but left out of config_hash (resume
+# matching), of a study's definition and of the evaluation cache's task fingerprint.
+LOCATION_FIELDS = ("executor",)  # for projects whose tasks call an LLM
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,11 @@ class LoopConfig:
         ``revert_ratio * best`` for more than ``revert_patience`` consecutive steps, the loop
         goes back to the best version (the Atari study used 0.8 and 5). ``target_score``: stop
         early once the best validation score reaches it.
+    Where evaluations run
+        ``executor``: ``local`` (this machine), ``dask://HOST:PORT`` (a Dask scheduler) or
+        ``dask:local[N]`` (an in-process cluster of N workers); see :mod:`~.executor`. It is
+        logged but is not part of the loop's identity (:data:`LOCATION_FIELDS`): the same loop
+        gives the same trials wherever it runs, and resumes anywhere.
     """
 
     project: str = UNSET
@@ -195,6 +206,7 @@ class LoopConfig:
     task_temperature: float | None = UNSET
     seed: int = UNSET
     max_workers: int = UNSET
+    executor: str = UNSET
     max_tokens: int | None = UNSET
     max_cost_usd: float | None = UNSET
     max_wall_time_s: float | None = UNSET
@@ -251,6 +263,10 @@ class LoopConfig:
         self._resolve_task_model(info, given)
         set_("seed", _int("seed", self.seed, 0))
         set_("max_workers", _int("max_workers", self.max_workers, 1))
+        try:
+            set_("executor", check_executor(self.executor))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         set_("max_tokens", _int("max_tokens", self.max_tokens, 1, optional=True))
         set_("max_cost_usd", _float("max_cost_usd", self.max_cost_usd, 0, 1e9, optional=True))
         set_("max_wall_time_s", _float("max_wall_time_s", self.max_wall_time_s, 0, 1e9, optional=True))
@@ -289,6 +305,11 @@ class LoopConfig:
         set_("task_temperature", _float("task_temperature", temperature, 0, 2))
 
     def _refuse_what_does_not_apply(self, info: "ProjectInfo") -> None:
+        if self.executor != "local" and not info.uses_executor:
+            raise ConfigError(
+                f"executor: project {self.project} runs its evaluations in this process (its "
+                f"tasks do not submit units to an executor), so it must be local, got "
+                f"{self.executor!r}")
         if not info.multi_step:
             for name in ("credit_horizon", "update_every"):
                 if getattr(self, name) is not None:
@@ -382,9 +403,14 @@ class LoopConfig:
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` without :data:`LOCATION_FIELDS`: what makes two loops the same loop."""
+        return {k: v for k, v in self.to_dict().items() if k not in LOCATION_FIELDS}
+
     def config_hash(self) -> str:
-        """Hash of the design choices; equal configs give equal hashes."""
-        blob = json.dumps(self.to_dict(), sort_keys=True)
+        """Hash of the design choices; equal configs give equal hashes. Where the loop runs
+        (:data:`LOCATION_FIELDS`) is not a design choice and does not count."""
+        blob = json.dumps(self.identity(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -395,6 +421,7 @@ class ProjectInfo:
     defaults: Mapping[str, Any]
     multi_step: bool
     needs_task_llm: bool
+    uses_executor: bool = False
 
 
 def _embedded(spec: str) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 from .artifact import ArtifactSpec
 from .config import GENERIC_DEFAULTS, ConfigError, LoopConfig, ProjectInfo
+from .executor import Executor, LocalExecutor
 from .llm.base import LLM
 from .task import Task
 
@@ -133,12 +134,15 @@ class TaskSetup:
 
     ``options`` holds every declared option (given or default); ``starting`` is the starting
     artifact ``config.init`` names; ``task_llm`` is the task LLM (already wrapped for tracking,
-    caching and usage counting) for projects with ``needs_task_llm``, else ``None``."""
+    caching and usage counting) for projects with ``needs_task_llm``, else ``None``;
+    ``executor`` is where the task submits its units of evaluation (``config.executor``, owned
+    and closed by the caller; see :mod:`~mlflow_genopt.executor`)."""
 
     config: LoopConfig
     options: Mapping[str, Any]
     starting: StartingArtifact
     task_llm: LLM | None = None
+    executor: Executor = field(default_factory=LocalExecutor)
 
 
 def _is_unset(value: Any) -> bool:
@@ -156,7 +160,9 @@ class Project:
     :mod:`mlflow_genopt.study` (``{"batch_size": [1, 3, 5]}``): `genopt study PROJECT` searches it
     unless a ``--space`` file or ``--param`` flags say otherwise. ``multi_step``: trials carry
     execution traces, so ``credit_horizon`` and ``update_every`` apply. ``needs_task_llm``: the
-    task calls an LLM (``task_model``).
+    task calls an LLM (``task_model``). ``uses_executor``: its tasks run their units of
+    evaluation through ``TaskSetup.executor``, so ``executor`` may name a cluster (otherwise
+    a non-local executor is refused).
     """
 
     name: str
@@ -168,6 +174,7 @@ class Project:
     search_space: Mapping[str, Any] = field(default_factory=dict)
     multi_step: bool = False
     needs_task_llm: bool = False
+    uses_executor: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.defaults) - set(GENERIC_DEFAULTS) - {"project"})
@@ -182,7 +189,8 @@ class Project:
                 option.parse(option.default)
 
     def info(self) -> ProjectInfo:
-        return ProjectInfo(dict(self.defaults), self.multi_step, self.needs_task_llm)
+        return ProjectInfo(dict(self.defaults), self.multi_step, self.needs_task_llm,
+                           self.uses_executor)
 
     def starting_for(self, config: LoopConfig) -> StartingArtifact:
         """The starting artifact ``config.init`` names, for ``config.task``."""
@@ -210,16 +218,25 @@ class Project:
         return {name: option.parse(values[name]) if name in values else option.default
                 for name, option in declared.items()}
 
-    def setup(self, config: LoopConfig, task_llm: LLM | None = None) -> TaskSetup:
-        """Resolve and validate everything generic about ``config`` (before any task is built)."""
+    def setup(self, config: LoopConfig, task_llm: LLM | None = None,
+              executor: Executor | None = None) -> TaskSetup:
+        """Resolve and validate everything generic about ``config`` (before any task is built).
+        ``executor``: the one made from ``config.executor`` (default: a local one; a caller that
+        runs on a cluster makes, passes and closes it, as :func:`~mlflow_genopt.build.build_loop`
+        does)."""
         if config.project != self.name:
             raise ConfigError(f"project: config is for {config.project!r}, not {self.name!r}")
+        if executor is not None and executor.spec != "local" and not self.uses_executor:
+            raise ConfigError(f"executor: project {self.name} runs its evaluations in this "
+                              f"process, so it must be local, got {executor.spec!r}")
         return TaskSetup(config, self.parse_options(config.task_options), self.starting_for(config),
-                         task_llm if self.needs_task_llm else None)
+                         task_llm if self.needs_task_llm else None,
+                         executor if executor is not None else LocalExecutor())
 
-    def build_task(self, config: LoopConfig, task_llm: LLM | None = None) -> Task:
+    def build_task(self, config: LoopConfig, task_llm: LLM | None = None,
+                   executor: Executor | None = None) -> Task:
         """The task of ``config``: :meth:`setup`, then the project's ``make_task``."""
-        return self.make_task(self.setup(config, task_llm))
+        return self.make_task(self.setup(config, task_llm, executor))
 
     def config(self, **overrides: Any) -> LoopConfig:
         return LoopConfig.from_dict({"project": self.name, **overrides})

@@ -243,7 +243,7 @@ class StudyConfig:
     def definition(self) -> dict[str, Any]:
         """What makes two workers' studies the same study (stored with it, compared on load)."""
         return {
-            "base_config": self.base.to_dict(),
+            "base_config": self.base.identity(),  # wherever its trials run
             "search_space": search_space_to_spec(self.search_space),
             "objectives": list(self.objectives),
         }

@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import ConfigError
+from ..executor import ExecutorError
 from ..events import LoopCallback
 from ..llm.base import LLM, LLMError
 from .config import StudyConfig, StudyResult, definition_mismatch
@@ -243,8 +244,10 @@ class _StudyRunner:
             self._mark_run(tracker.run_id if tracker else None, "FAIL", None)
             (frozen,) = [t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number]
             self._requeue(self.study, frozen)
-            if isinstance(exc, (ConfigError, LLMError)):
-                self.fatal = exc  # every other trial would fail the same way: stop the study
+            if isinstance(exc, (ConfigError, LLMError, ExecutorError)):
+                # every other trial would fail the same way (a lost cluster included): stop the
+                # study; the trial is requeued, so running the study again retries it
+                self.fatal = exc
             raise
         self.trials_run += 1
         spend = listener.spend()

@@ -28,10 +28,10 @@ state, reporting a mismatch as an error.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from mlflow_genopt.executor import Executor, LocalExecutor
 from mlflow_genopt.sandbox import SandboxLimits, SandboxResult, run_function
 
 from .games import get_game, plugin_package
@@ -139,16 +139,20 @@ class PolicyRunner:
     ``run(source, seeds)`` returns one :class:`EpisodeResult` per seed, in order. It never raises
     for what the policy does. The same source and seeds give the same results (the emulator
     without sticky actions is deterministic; sticky actions and the policy's ``random`` are
-    seeded per episode), whatever the number of workers.
+    seeded per episode), whatever the number of workers. Batches of episodes are the units of
+    evaluation of ``executor`` (default: threads of this process, one per batch; on a Dask
+    cluster, one batch per worker thread, each playing in a sandbox on its worker).
     """
 
-    def __init__(self, config: RolloutConfig, *, workers: int = 2, verify_returns: bool = False) -> None:
+    def __init__(self, config: RolloutConfig, *, workers: int = 2, verify_returns: bool = False,
+                 executor: Executor | None = None) -> None:
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self.config = config
         self.workers = workers
         self.verify_returns = verify_returns
-        self._pool: ThreadPoolExecutor | None = None
+        self._own_executor = executor is None
+        self.executor = executor if executor is not None else LocalExecutor(workers)
 
     def run(self, source: str, seeds: Sequence[int],
             start_states: Sequence[str | None] | None = None) -> list[EpisodeResult]:
@@ -164,82 +168,26 @@ class PolicyRunner:
         if len(states) != len(seeds):
             raise ValueError(f"start_states has {len(states)} entries for {len(seeds)} seeds")
         episodes = list(zip(seeds, states))
-        size = math.ceil(len(episodes) / min(self.workers, len(episodes)))
+        parts = self.workers if not self.executor.remote else (self.executor.slots or self.workers)
+        size = math.ceil(len(episodes) / min(parts, len(episodes)))
         batches = [episodes[i:i + size] for i in range(0, len(episodes), size)]
-        if len(batches) == 1:
-            outcomes = [self._run_batch(source, batches[0])]
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="atari-worker")
-            outcomes = list(self._pool.map(lambda batch: self._run_batch(source, batch), batches))
-        return [result for batch in outcomes for result in batch]
+        outcomes = self.executor.map(run_episode_batch,
+                                     [(self.config, source, batch) for batch in batches])
+        results = [result for batch in outcomes for result in batch]
+        if self.verify_returns:
+            for result in results:
+                self._verify(source, result)
+        return results
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._own_executor:
+            self.executor.close()
 
     def __enter__(self) -> "PolicyRunner":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ------------------------------------------------------------------------------------
-
-    def _job(self, source: str, seed: int, start_state: str | None) -> dict:
-        c = self.config
-        return {"source": source, "entry": c.entry, "game": get_game(c.game).name, "seed": seed,
-                "start_state": start_state, "return_state": c.return_states,
-                "max_steps": c.max_steps, "frameskip": c.frameskip,
-                "repeat_action_probability": c.repeat_action_probability, "noop_max": c.noop_max,
-                "call_timeout_s": c.call_timeout_s, "episode_timeout_s": c.episode_timeout_s,
-                "trace_every": c.trace_every, "trace_head": c.trace_head, "trace_tail": c.trace_tail,
-                "max_items": c.max_items}
-
-    def _run_batch(self, source: str, episodes: list[tuple[int, str | None]]) -> list[EpisodeResult]:
-        c = self.config
-        limits = SandboxLimits(
-            timeout_s=c.startup_s + len(episodes) * (c.episode_timeout_s + 1.0),
-            memory_mb=c.memory_mb,
-            max_output_bytes=4_000_000,
-        )
-        calls = [([self._job(source, seed, state)], {}) for seed, state in episodes]
-        # the entry point imports genopt_projects.atari.worker (and a plug-in game's package),
-        # which an editable install finds only through its import hook: the sandbox must expose
-        # the packages to the dedicated uid
-        plugin = plugin_package(c.game)
-        outcomes = run_function(entry_source(), ENTRY_FUNCTION, calls, limits=limits,
-                                expose_packages=("genopt_projects",) + ((plugin,) if plugin else ()))
-        results = [self._result(seed, outcome) for (seed, _), outcome in zip(episodes, outcomes)]
-        for result, (_, state) in zip(results, episodes):
-            result.start_state = state
-        if self.verify_returns:
-            for result in results:
-                self._verify(source, result)
-        return results
-
-    def _result(self, seed: int, outcome: SandboxResult) -> EpisodeResult:
-        stdout = outcome.stdout_tail[-2000:]
-        if outcome.ok and isinstance(outcome.value, dict):
-            value = outcome.value
-            return EpisodeResult(
-                seed=seed, episode_return=float(value["return"]), steps=int(value["steps"]),
-                terminated=bool(value["terminated"]), truncated=bool(value["truncated"]),
-                error=value["error"], error_step=value["error_step"], traceback=value["traceback"],
-                trace=value["trace"], lives_lost=int(value["lives_lost"]),
-                duration_s=float(value.get("duration_s", outcome.duration_s)), policy_s=float(value["policy_s"]),
-                stdout=stdout, actions=str(value.get("actions", "")), end_state=value.get("end_state"),
-            )
-        error = outcome.error or "the worker returned no result"
-        if error.startswith("timeout"):
-            error = (f"the worker was killed after exceeding its wall-clock budget ({error}); the policy "
-                     f"ignored its {self.config.call_timeout_s * 1000:g} ms per-call limit")
-        else:
-            error = f"the worker process failed: {error}"
-        tail = (outcome.stderr_tail or "").strip().splitlines()[-5:]
-        return EpisodeResult(seed=seed, episode_return=0.0, steps=0, error=error,
-                             traceback="\n".join(tail), duration_s=outcome.duration_s, stdout=stdout)
 
     def _verify(self, source: str, result: EpisodeResult) -> None:
         """Replay the episode's actions in the parent's own emulator (no policy involved); the
@@ -259,6 +207,61 @@ class PolicyRunner:
             result.error = (f"reported return {result.episode_return:g} differs from the replayed "
                             f"return {replayed:g}")
             result.episode_return = replayed
+
+
+def _job(c: RolloutConfig, source: str, seed: int, start_state: str | None) -> dict:
+    return {"source": source, "entry": c.entry, "game": get_game(c.game).name, "seed": seed,
+            "start_state": start_state, "return_state": c.return_states,
+            "max_steps": c.max_steps, "frameskip": c.frameskip,
+            "repeat_action_probability": c.repeat_action_probability, "noop_max": c.noop_max,
+            "call_timeout_s": c.call_timeout_s, "episode_timeout_s": c.episode_timeout_s,
+            "trace_every": c.trace_every, "trace_head": c.trace_head, "trace_tail": c.trace_tail,
+            "max_items": c.max_items}
+
+def run_episode_batch(c: RolloutConfig, source: str,
+                      episodes: Sequence[tuple[int, str | None]]) -> list[EpisodeResult]:
+    """The unit of evaluation (see :mod:`mlflow_genopt.executor`): play ``episodes`` (seed,
+    start state) with ``source`` in ONE sandboxed worker process started here (on a Dask worker
+    when the executor is a cluster), and return their raw results. A pure function of its
+    arguments; never raises for what the policy does."""
+    limits = SandboxLimits(
+        timeout_s=c.startup_s + len(episodes) * (c.episode_timeout_s + 1.0),
+        memory_mb=c.memory_mb,
+        max_output_bytes=4_000_000,
+    )
+    calls = [([_job(c, source, seed, state)], {}) for seed, state in episodes]
+    # the entry point imports genopt_projects.atari.worker, which an editable install finds
+    # only through its import hook: the sandbox must expose the package to the dedicated uid
+    # a plug-in game's package is exposed to the sandbox's uid next to genopt_projects
+    plugin = plugin_package(c.game)
+    outcomes = run_function(entry_source(), ENTRY_FUNCTION, calls, limits=limits,
+                            expose_packages=("genopt_projects",) + ((plugin,) if plugin else ()))
+    results = [_result(c, seed, outcome) for (seed, _), outcome in zip(episodes, outcomes)]
+    for result, (_, state) in zip(results, episodes):
+        result.start_state = state
+    return results
+
+def _result(c: RolloutConfig, seed: int, outcome: SandboxResult) -> EpisodeResult:
+    stdout = outcome.stdout_tail[-2000:]
+    if outcome.ok and isinstance(outcome.value, dict):
+        value = outcome.value
+        return EpisodeResult(
+            seed=seed, episode_return=float(value["return"]), steps=int(value["steps"]),
+            terminated=bool(value["terminated"]), truncated=bool(value["truncated"]),
+            error=value["error"], error_step=value["error_step"], traceback=value["traceback"],
+            trace=value["trace"], lives_lost=int(value["lives_lost"]),
+            duration_s=float(value.get("duration_s", outcome.duration_s)), policy_s=float(value["policy_s"]),
+            stdout=stdout, actions=str(value.get("actions", "")), end_state=value.get("end_state"),
+        )
+    error = outcome.error or "the worker returned no result"
+    if error.startswith("timeout"):
+        error = (f"the worker was killed after exceeding its wall-clock budget ({error}); the policy "
+                 f"ignored its {c.call_timeout_s * 1000:g} ms per-call limit")
+    else:
+        error = f"the worker process failed: {error}"
+    tail = (outcome.stderr_tail or "").strip().splitlines()[-5:]
+    return EpisodeResult(seed=seed, episode_return=0.0, steps=0, error=error,
+                         traceback="\n".join(tail), duration_s=outcome.duration_s, stdout=stdout)
 
 
 def replay(config: RolloutConfig, seed: int, actions: Sequence[int], *, start_state: str | None = None,
@@ -290,4 +293,5 @@ def evaluate_policy(source: str, game: str, seeds: Sequence[int], *, workers: in
         return runner.run(source, seeds)
 
 
-__all__ = ["EpisodeResult", "PolicyRunner", "RolloutConfig", "evaluate_policy", "replay"]
+__all__ = ["EpisodeResult", "PolicyRunner", "RolloutConfig", "evaluate_policy", "replay",
+           "run_episode_batch"]

@@ -44,6 +44,7 @@ PROJECT = Project(
     defaults=DEFAULTS,
     options=OPTIONS,
     multi_step=True,
+    uses_executor=True,  # on a cluster, batches of episodes per unit
     # The study's Atari comparison: a one-step against a 100-step credit horizon.
     search_space={"credit_horizon": [1, 100]},
 )

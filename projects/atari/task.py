@@ -42,7 +42,9 @@ traceback; the loop appends the version's full-episode (validation) result
 
 Execution and export
 --------------------
-Policies run only in sandboxed worker processes (:class:`~.policy_runner.PolicyRunner`); the
+Policies run only in sandboxed worker processes (:class:`~.policy_runner.PolicyRunner`), on this
+machine or, with ``executor`` naming a Dask cluster, on its workers (batches of episodes per
+unit; scores are computed here from the returned episode results); the
 loop's evaluation cache keeps the deterministic trials (every trial but a ``continue_episode``
 rollout is a function of the version and the seed; those are keyed by the game's state too).
 ``export`` writes ``policy.py`` (the selected program), ``selected_policy.gif`` (the selected
@@ -62,6 +64,7 @@ from typing import Any, Mapping, Sequence
 
 from mlflow_genopt.artifact import ArtifactVersion
 from mlflow_genopt.config import ConfigError, env_steps
+from mlflow_genopt.executor import Executor
 from mlflow_genopt.project import TaskOption, TaskSetup
 from mlflow_genopt.task import EvalContext, Example, TraceStep, Trial
 
@@ -141,6 +144,7 @@ class AtariTask:
         video_steps: int = 600,
         video_every: int = 2,
         video_fps: int = 15,
+        executor: Executor | None = None,
     ) -> None:
         self.game: GameSpec = get_game(game)
         self.policy = policy
@@ -159,8 +163,8 @@ class AtariTask:
         self.rollout_config = RolloutConfig(max_steps=horizon, trace_every=1, trace_head=horizon,
                                             trace_tail=1, return_states=continue_episode, **common)
         self.episode_config = RolloutConfig(max_steps=eval_max_steps, trace_head=0, trace_tail=0, **common)
-        self._rollouts = PolicyRunner(self.rollout_config, workers=workers)
-        self._episodes = PolicyRunner(self.episode_config, workers=workers)
+        self._rollouts = PolicyRunner(self.rollout_config, workers=workers, executor=executor)
+        self._episodes = PolicyRunner(self.episode_config, workers=workers, executor=executor)
 
         base = split_seed * 100_000
         n_train = batch_size if continue_episode else train_episodes
@@ -450,7 +454,7 @@ def make_task(setup: TaskSetup) -> AtariTask:
         settings["workers"] = max(1, min(config.max_workers, os.cpu_count() or 1))
     horizon = env_steps(config) or settings["eval_max_steps"]
     return AtariTask(game.name, policy, horizon=horizon, credit_horizon=config.credit_horizon,
-                     batch_size=config.batch_size, **settings)
+                     batch_size=config.batch_size, executor=setup.executor, **settings)
 
 
 def starting_artifacts() -> Mapping[str, Any]:

@@ -39,6 +39,9 @@ PROJECT = Project(
               "batch_size": 3},
     options=OPTIONS,
     needs_task_llm=True,
+    # Its units are task-LLM calls to a model loaded in this process (or an endpoint it calls
+    # from here): nothing a Dask worker could run, so --executor must stay local.
+    uses_executor=False,
     # The study's two choices for prompt optimization: the starting artifact and the experience
     # batch (1, 3, 5 trials per update). BBEH trials have no multi-step trace, so the credit
     # horizon does not apply (the config refuses it).

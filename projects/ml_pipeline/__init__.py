@@ -54,6 +54,7 @@ PROJECT = Project(
     options=_options(),
     # The study's first finding is about the starting artifact; the batch is folds per update.
     search_space={"init": ["one_function", "many_function"], "batch_size": [1, 3, 5]},
+    uses_executor=True,  # on a cluster, one cross-validation fold per unit
 )
 
 __all__ = ["PROJECT", "STARTING_ARTIFACTS", "make_task"]

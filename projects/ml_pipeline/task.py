@@ -35,7 +35,9 @@ Execution
 ---------
 Generated code runs only in :mod:`mlflow_genopt.sandbox` (own process, clean environment,
 scratch directory, wall-clock and memory limits). One sandbox process runs the trials of one
-split of one ``evaluate`` call. It receives only the CSV files that split needs: the training
+split of one ``evaluate`` call; with ``executor`` naming a Dask cluster, one per fold instead, on
+the workers, which receive the split's files once per evaluation (so ``data_dir`` need exist only
+where the loop runs). It receives only the CSV files that split needs: the training
 rows with their target and, for val/test, the rows to predict *without* their target. The
 validation labels, the holdout labels and ``answer.csv`` never enter a sandbox; predictions come
 back as JSON and are scored here. (Within the train split, a fold's labels are in the training
@@ -78,6 +80,7 @@ import numpy as np
 
 from mlflow_genopt.artifact import ArtifactSpec, ArtifactVersion
 from mlflow_genopt.config import ConfigError
+from mlflow_genopt.executor import Executor, LocalExecutor
 from mlflow_genopt.project import TaskOption, TaskSetup
 from mlflow_genopt.sandbox import SandboxLimits, SandboxResult, run_function
 from mlflow_genopt.task import EvalContext, Example, FixedSplits, Trial
@@ -184,10 +187,12 @@ class TabularTask(FixedSplits):
                  timeout_factor: float = 5.0, timeout_floor_s: float = 20.0,
                  memory_mb: int = 4096, staged_feedback: bool = True,
                  stage_thresholds: str | Sequence[float] | None = None,
-                 improvement_feedback: bool = True, seed: int = 0) -> None:
+                 improvement_feedback: bool = True, seed: int = 0,
+                 executor: Executor | None = None) -> None:
         self.definition = definition
         self.spec = spec
         self.seed = seed
+        self.executor = executor if executor is not None else LocalExecutor()
         self.metric: Metric = self._primary_metric(metric)
         self.report = (self.metric.name,) + tuple(m for m in definition.report if m != self.metric.name
                                                   and METRICS[m].problem_type == definition.problem_type)
@@ -411,13 +416,29 @@ class TabularTask(FixedSplits):
             if scope.kind == "cv":
                 job["holdout_rows"] = np.searchsorted(_union(scope), scope.score_rows).tolist()
             calls.append(([job], {}))
-        predicted = sum(len(s.score_rows) if s.score_rows is not None else len(self.test_file) for s in scopes)
+        source = self.module_source(version)
         started = time.monotonic()
-        results = run_function(self.module_source(version), "_genopt_trial", calls, preamble=HARNESS_SOURCE,
-                               files=files, limits=self._limits(len(calls), predicted))
+        if not self.executor.remote:  # one sandbox process runs the whole group, as always
+            predicted = sum(self._predicted(s) for s in scopes)
+            units = [(source, calls, files, self._limits(len(calls), predicted), HARNESS_SOURCE)]
+            per_unit = len(calls)
+        else:  # one fold (or the val/test example) per unit; the files go to the workers once
+            shared = self.executor.share(files)
+            units = [(source, [call], shared, self._limits(1, self._predicted(scope)), HARNESS_SOURCE)
+                     for call, scope in zip(calls, scopes)]
+            per_unit = 1
+        results = [r for unit in self.executor.map(run_trials, units) for r in unit]
         if version.parent_id is None and all(r.ok for r in results):  # the starting version
-            self.time_limit.observe((time.monotonic() - started) / len(calls))
-        return [self._outcome(scope, result, len(calls)) for scope, result in zip(scopes, results)]
+            # its time per trial sets the adaptive limit (time_limits.py): locally the group's
+            # wall time per trial; on a cluster, where units run side by side, the slowest
+            # unit's own sandbox time
+            per_trial = ((time.monotonic() - started) / len(calls) if per_unit > 1 or not self.executor.remote
+                         else max(r.duration_s for r in results))
+            self.time_limit.observe(per_trial)
+        return [self._outcome(scope, result, per_unit) for scope, result in zip(scopes, results)]
+
+    def _predicted(self, scope: _Scope) -> int:
+        return len(scope.score_rows) if scope.score_rows is not None else len(self.test_file)
 
     def _truth(self, scope: _Scope):
         if scope.score_rows is None:
@@ -558,6 +579,16 @@ class TabularTask(FixedSplits):
         pd.DataFrame({ids.name: ids.to_numpy(), d.target: values}).to_csv(path, index=False)
 
 
+def run_trials(source: str, calls: list, files: Mapping[str, str], limits: SandboxLimits,
+               harness: str) -> list[SandboxResult]:
+    """The unit of evaluation (see :mod:`mlflow_genopt.executor`): run the pipeline ``source``
+    on ``calls`` (one job per fold or example) in ONE sandbox process started here (on a Dask
+    worker when the executor is a cluster), with only ``files`` in its scratch dir. Returns the
+    raw results (predictions); the task scores them in the loop's process."""
+    return run_function(source, "_genopt_trial", calls, preamble=harness, files=files,
+                        limits=limits)
+
+
 def _copy_written_tree(scratch: Path, relative: Path, destination: Path) -> list[str]:
     """Copy what the sandbox wrote under ``scratch/relative``: plain files and directories only.
 
@@ -630,4 +661,5 @@ def make_task(setup: TaskSetup) -> TabularTask:
     data = load_task_data(definition, options.pop("data_dir", None))
     for key in ("target", "id_column"):
         options.pop(key, None)
-    return TabularTask(definition, data, setup.starting.spec, seed=config.seed, **options)
+    return TabularTask(definition, data, setup.starting.spec, seed=config.seed,
+                       executor=setup.executor, **options)
