@@ -23,7 +23,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunStatus, RunTag
 from mlflow.tracing.client import TracingClient
-from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from ..artifact import ArtifactVersion
 from ..config import LoopConfig
@@ -469,20 +469,7 @@ class MlflowTracker(LoopCallback):
 
         self._write_files(records.result_files(result, self._model_ids, selected_model), None)
         if result.export_dir is not None:
-            self._write_export(Path(result.export_dir), selected_model)
-
-    def _write_export(self, directory: Path, model_id: str | None) -> None:
-        """The task's deliverables for the selected version go under ``export/``; an MLflow model
-        among them (``model/MLmodel``) becomes the selected LoggedModel's own artifacts, so that
-        ``mlflow.pyfunc.load_model("models:/<model_id>")`` loads it."""
-        if not directory.is_dir():
-            raise FileNotFoundError(f"export_dir {directory} does not exist")
-        self._client.log_artifacts(self._run_id, str(directory), layout.EXPORT_DIR)
-        model_dir = directory / layout.EXPORTED_MODEL_DIR
-        if model_id is not None and (model_dir / layout.MLMODEL_FILE).is_file():
-            self._client.log_model_artifacts(model_id, str(model_dir))  # replaces the stub MLmodel
-            self._client.delete_logged_model_tag(model_id, MLFLOW_MODEL_IS_EXTERNAL)
-            self._client.set_logged_model_tags(model_id, {layout.TAG_EXPORTED_MODEL: "true"})
+            store.log_export(self._client, self._run_id, Path(result.export_dir), selected_model)
 
     def _write_abort(self, error: str | None, totals: Mapping[str, float] | None = None,
                      failed: Mapping[str, float] | None = None) -> None:
