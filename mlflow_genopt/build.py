@@ -241,8 +241,8 @@ def run_loop(
     when ``config.executor``'s cluster fails (the run is then marked failed and resumable).
     """
     check_cache_dir(cache_dir)  # before the run exists
-    tracker, resume_state, uri = _tracking(config, tracking, resume, experiment, run_name,
-                                           nested, progress)
+    tracker, resume_state, carried = _tracking(config, tracking, resume, experiment, run_name,
+                                               nested, progress)
     listeners: list[LoopCallback] = []
     if tracker is not None:
         listeners.append(tracker)
@@ -269,10 +269,11 @@ def run_loop(
             try:
                 with loop_context(config), _finish_step_on_sigint(built.loop, handle_sigint):
                     # loop_context: MLflow's run context provider reads it
-                    result = built.loop.run(resume=resume_state)
+                    result = built.loop.run(resume=resume_state, failed_usage=carried)
             except BaseException as exc:
                 if tracker is not None and tracker.active:
-                    tracker.fail(f"{type(exc).__name__}: {exc}", totals=built.usage.total)
+                    tracker.fail(f"{type(exc).__name__}: {exc}", totals=built.usage.total,
+                                 failed=built.loop.failed_usage())
                 raise
     finally:
         if temporary is not None:
@@ -282,17 +283,19 @@ def run_loop(
 
 def _tracking(config: LoopConfig, tracking: Any, resume: str | None, experiment: str,
               run_name: str | None, nested: bool, progress: bool):
-    """The tracker of a run (or None), the checkpoint to resume from, and the URI."""
+    """The tracker of a run (or None), the checkpoint to resume from, and what the run's
+    failed attempts spent (``failed_<key>`` metrics)."""
     if tracking is None:
         if resume not in (None, "auto"):
             raise ConfigError("resume: needs tracking (the checkpoint lives in the MLflow run)")
         return None, None, None
     from .tracking import MlflowTracker, check_tracking_uri, find_resumable_run, load_run_checkpoint
+    from .tracking.resume import failed_usage
 
     if isinstance(tracking, MlflowTracker):
         if resume not in (None, "auto"):
             raise ConfigError("resume: give a tracking URI, not a tracker, to resume a run")
-        return tracking, None, tracking.tracking_uri
+        return tracking, None, {}
     if not isinstance(tracking, str):
         raise ConfigError(f"tracking: a tracking URI, None or an MlflowTracker, got {tracking!r}")
     uri = tracking or default_tracking_uri()
@@ -306,18 +309,19 @@ def _tracking(config: LoopConfig, tracking: Any, resume: str | None, experiment:
                       "(--fresh starts a new run)", file=sys.stderr, flush=True)
     elif resume is not None:
         run_id = resume
-    resume_state, resume_versions = None, []
+    resume_state, resume_versions, carried = None, [], {}
     if run_id is not None:
         try:
             _, checkpoint, _ = load_run_checkpoint(uri, run_id)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        carried = failed_usage(uri, run_id)
         if checkpoint is not None:
             resume_state = LoopState.from_dict(checkpoint)
             resume_versions = [v.version for v in resume_state.versions]
     tracker = MlflowTracker(uri, experiment, run_name=run_name, nested=nested, run_id=run_id,
                             resume_versions=resume_versions)
-    return tracker, resume_state, uri
+    return tracker, resume_state, carried
 
 
 @contextlib.contextmanager

@@ -192,7 +192,8 @@ class LoopResult:
     totals: Mapping[str, float] = field(default_factory=dict)
     export_dir: str | None = None  # files the task exported for the selected version
     # LLM usage of the phases outside steps ("initial": the starting version's validation,
-    # "test": the final evaluation); with the steps' usage they add up to ``totals``
+    # "test": the final evaluation, "failed": failed attempts before a resume); with the
+    # steps' usage they add up to ``totals``
     phase_usage: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 

@@ -116,6 +116,9 @@ class LearningLoop:
         self.eval_cache = eval_cache if eval_cache is not None else EvalCache()
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.interrupted = False  # set (e.g. by a SIGINT handler) to stop after this step
+        # usage accounting across failures (see failed_usage)
+        self._failed_base: dict[str, float] = {}
+        self._committed: dict[str, float] = dict(self.usage.total)
         if self.usage not in self.callbacks:
             self.callbacks.insert(0, self.usage)
         self._end_step = getattr(task, "end_step", None)
@@ -142,10 +145,21 @@ class LearningLoop:
             return "budget: max_wall_time_s"
         return None
 
-    def run(self, resume: LoopState | None = None) -> LoopResult:
+    def failed_usage(self) -> dict[str, float]:
+        """The LLM usage of work that did not commit (the phase running now, and the starting
+        version's validation until step 1 commits), plus what earlier failed attempts of this
+        loop spent: after a failure, what the run's ``failed_<key>`` metrics say, so that the
+        committed phases and this add up to the totals."""
+        total = self.usage.total
+        return {k: self._failed_base.get(k, 0.0) + total.get(k, 0.0) - self._committed.get(k, 0.0)
+                for k in total}
+
+    def run(self, resume: LoopState | None = None,
+            failed_usage: dict[str, float] | None = None) -> LoopResult:
         """Run the loop; with ``resume`` (a checkpoint from :attr:`StepRecord.checkpoint`),
         continue after its step with the same RNG state, versions, memory, history and task
-        state."""
+        state. ``failed_usage``: what earlier failed attempts of this loop spent (cumulative;
+        counted into the totals)."""
         config = self.config
         started = time.monotonic()
         train = list(self.task.examples("train"))
@@ -155,7 +169,10 @@ class LearningLoop:
 
         self._emit("on_loop_start", LoopStart(config, self.task.name, self.task.objective,
                                               self.spec, self.initial))
+        carried = dict(failed_usage or {})
         if resume is None:
+            self.usage.carry(carried)
+            self._failed_base, self._committed = carried, dict(self.usage.total)
             rng = random.Random(config.seed)
             history = History()
             evaluate = Evaluator(self.task, config, history, self.eval_cache)
@@ -165,12 +182,16 @@ class LearningLoop:
                                            val_metrics=metrics)
             state = LoopState.start(self.initial, value, initial_record, rng, history)
             state.initial_usage = dict(self.usage.step)
+            state.failed_usage = carried
             self._emit("on_version", initial_record)
         else:
             state = resume
             rng = random.Random()
             rng.setstate(state.rng_state())
-            self.usage.restore(state.usage_total)
+            self.usage.restore({k: v + carried.get(k, 0.0) - state.failed_usage.get(k, 0.0)
+                                for k, v in state.usage_total.items()})
+            state.failed_usage = carried
+            self._failed_base, self._committed = carried, dict(self.usage.total)
             started -= state.elapsed_s
             evaluate = Evaluator(self.task, config, state.history, self.eval_cache)
             if state.task_state is not None and callable(self._load_state_dict):
@@ -187,6 +208,7 @@ class LearningLoop:
                 break
             record = self._step(step, state, memory, rng, train, val, started, evaluate)
             steps.append(record)
+            self._committed = dict(state.usage_total)  # handed to the tracker just below
             try:
                 self._emit("on_step", record)
             except StopLoop as stop:
@@ -211,7 +233,8 @@ class LearningLoop:
                 self.export_dir.mkdir(parents=True, exist_ok=True)
                 self.task.export(best, self.export_dir)
                 export_dir = str(self.export_dir)
-        phase_usage = {"initial": dict(state.initial_usage), "test": dict(self.usage.step)}
+        phase_usage = {"initial": dict(state.initial_usage), "test": dict(self.usage.step),
+                       "failed": dict(state.failed_usage)}
         totals = dict(self.usage.total)
         totals.update(
             steps_run=state.step,

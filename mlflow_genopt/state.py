@@ -39,6 +39,9 @@ class LoopState:
     history: History = field(default_factory=History)
     task_state: Any = None
     initial_usage: dict[str, float] = field(default_factory=dict)  # the starting version's phase
+    # LLM usage of phases that failed before they committed (redone since), cumulative;
+    # included in usage_total
+    failed_usage: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def start(cls, initial: ArtifactVersion, value: float, record: VersionRecord,
@@ -79,6 +82,7 @@ class LoopState:
             "history": self.history.to_dict(),
             "task_state": self.task_state,
             "initial_usage": dict(self.initial_usage),
+            "failed_usage": dict(self.failed_usage),
         }
 
     @classmethod
@@ -102,6 +106,7 @@ class LoopState:
             history=History.from_dict(data.get("history")),
             task_state=data.get("task_state"),
             initial_usage=data.get("initial_usage") or {},
+            failed_usage=data.get("failed_usage") or {},
         )
 
 

@@ -2,7 +2,9 @@
 
 Every LLM call of a loop, whichever phase made it (the starting version's validation, a step,
 the final test evaluation), is counted once in the loop's totals and once in the bucket of
-the phase that made it, so that the per-phase figures add up to the totals.
+the phase that made it, so that the per-phase figures add up to the totals. A phase that fails
+before it commits is counted too: the loop reports it as failed usage, which a resumed loop
+carries into its totals (:meth:`LearningLoop.failed_usage`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ class UsageMeter(LoopCallback):
     def restore(self, total: dict[str, float]) -> None:
         with self._lock:
             self.total = {**dict.fromkeys(KEYS, 0.0), **total}
+
+    def carry(self, usage: dict[str, float]) -> None:
+        """Add usage spent before this meter existed (e.g. by a failed attempt of a resumed
+        loop) to the totals only."""
+        with self._lock:
+            for key, value in usage.items():
+                if key in self.total:
+                    self.total[key] += value
 
     @property
     def tokens(self) -> int:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI, Reply, arithmetic_task_model  # noqa: E402
 
 from mlflow_genopt.config import LoopConfig  # noqa: E402
+from mlflow_genopt.events import LoopCallback  # noqa: E402
 from mlflow_genopt.llm.base import LLMError  # noqa: E402
 from mlflow_genopt.build import run_loop  # noqa: E402
 
@@ -108,6 +109,93 @@ def test_faults_are_retried_logged_and_change_nothing(tmp_path, fast_retries):
     assert sorted(m.step for m in per_step) == list(range(config.steps + 1))
     test_retries = run.data.metrics["test_llm_retries"]
     assert sum(m.value for m in per_step) + test_retries == server.faults_injected
+
+
+# --- every LLM call accounted, whichever phase made it --------------------------------------------
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "llm_calls",
+              "cached_calls", "llm_errors", "llm_retries")
+
+
+class GoDownAfter(LoopCallback):
+    """Takes the endpoint down once step ``step`` has been reported: the next phase fails."""
+
+    def __init__(self, server: FakeOpenAI, step: int) -> None:
+        self.server, self.step = server, step
+
+    def on_step(self, record) -> None:
+        if record.step == self.step:
+            self.server.down = True
+
+
+def usage_parts(client, run_id: str) -> tuple[dict, dict]:
+    """(sum of the parts, totals/) per usage key of a run: step 0 (the starting version's
+    validation) + every step + test_<key> + failed_<key>."""
+    metrics = client.get_run(run_id).data.metrics
+    parts = {}
+    for key in USAGE_KEYS:
+        history = client.get_metric_history(run_id, key)
+        assert len({m.step for m in history}) == len(history), f"{key}: a step logged twice"
+        parts[key] = sum(m.value for m in history) + metrics.get(f"test_{key}", 0.0) \
+            + metrics.get(f"failed_{key}", 0.0)
+    return parts, {key: metrics[f"totals/{key}"] for key in USAGE_KEYS}
+
+
+def test_every_llm_call_is_accounted_in_one_phase_across_faults_a_failure_and_resume(
+        tmp_path, fast_retries):
+    """30 % endpoint faults, then the endpoint goes down mid-loop (the run fails), comes back,
+    and the loop is resumed: the parts add up to the totals at the failure and at the end,
+    and the totals account for every request the endpoint received."""
+    config = bbeh_config(steps=4)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with FakeOpenAI(prompts, arithmetic_task_model, fault_rate=0.3, max_faults_per_request=2,
+                    timeout_sleep_s=3.0, retry_after="0.05", seed=5) as server:
+        with pytest.raises(LLMError):
+            run_loop(config, tracking=uri, experiment="usage", cache_dir=None,
+                     base_url=server.base_url, callbacks=[GoDownAfter(server, 2)])
+        client, failed = run_of(uri, "usage")
+        assert failed.info.status == "FAILED"
+        parts, totals = usage_parts(client, failed.info.run_id)
+        assert parts == pytest.approx(totals) and totals["llm_errors"] >= 1
+        assert failed.data.metrics["failed_llm_errors"] == totals["llm_errors"]
+        server.down = False
+        result = run_loop(config, tracking=uri, experiment="usage", cache_dir=None,
+                          base_url=server.base_url)
+    assert result.stop_reason == "completed"
+    client, run = run_of(uri, "usage")  # the same run, resumed after step 2
+    assert run.info.run_id == failed.info.run_id and run.info.status == "FINISHED"
+    parts, totals = usage_parts(client, run.info.run_id)
+    assert parts == pytest.approx(totals), (parts, totals)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "llm_retries")) == \
+        list(range(config.steps + 1))
+    # each fault and each "down" answer was retried once, or ended a call that failed for good
+    assert totals["llm_retries"] + totals["llm_errors"] == \
+        server.faults_injected + server.stats["down_responses"]
+    assert server.faults_injected > 0
+    # every request the endpoint got: an answer (a call not served by a cache), a retried
+    # failure, or the last attempt of a call that failed for good
+    assert server.stats["chat_requests"] == \
+        totals["llm_calls"] - totals["cached_calls"] + totals["llm_retries"] + totals["llm_errors"]
+    assert run.data.metrics["test_llm_calls"] > 0
+    assert totals == pytest.approx({k: v for k, v in result.totals.items() if k in USAGE_KEYS})
+
+
+def test_a_failed_then_resumed_run_carries_no_stale_error_tag(tmp_path, fast_retries):
+    config = bbeh_config(steps=2)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with FakeOpenAI(prompts, arithmetic_task_model) as server:
+        with pytest.raises(LLMError) as caught:
+            run_loop(config, tracking=uri, experiment="tags", cache_dir=None,
+                     base_url=server.base_url, callbacks=[GoDownAfter(server, 1)])
+        client, failed = run_of(uri, "tags")
+        assert failed.info.status == "FAILED"
+        assert failed.data.tags["genopt.error"] == f"LLMError: {caught.value}"
+        server.down = False
+        run_loop(config, tracking=uri, experiment="tags", cache_dir=None, base_url=server.base_url)
+    _, run = run_of(uri, "tags")
+    assert run.info.run_id == failed.info.run_id and run.info.status == "FINISHED"
+    assert "genopt.error" not in run.data.tags  # the state and the tags agree
+    assert run.data.tags["genopt.previous_error"] == f"LLMError: {caught.value}"
+    assert run.data.tags["genopt.stop_reason"] == "completed"
 
 
 # --- an endpoint that stays down ----------------------------------------------------------------

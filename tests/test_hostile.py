@@ -68,6 +68,15 @@ class Canaries:
     def exfil_files(self) -> list[Path]:
         return sorted(Path("/tmp").glob(f"genopt-exfil-{self.nonce}-*"))
 
+    def ran_markers(self) -> dict[str, tuple[int, int]]:
+        """payload tag -> (uid, pid) it ran as: each attack writes this marker first thing."""
+        found = {}
+        for path in Path("/tmp").glob(f"genopt-ran-{self.nonce}-*"):
+            with contextlib.suppress(OSError, ValueError):
+                uid, pid = path.read_text().split()
+                found[path.name.split(f"genopt-ran-{self.nonce}-", 1)[1]] = (int(uid), int(pid))
+        return found
+
 
 @contextlib.contextmanager
 def hostile_environment(workdir: Path) -> Iterator[Canaries]:
@@ -104,7 +113,7 @@ def hostile_environment(workdir: Path) -> Iterator[Canaries]:
             if Path(target) != public_file:
                 with contextlib.suppress(OSError):
                     os.unlink(target)
-        for path in canaries.exfil_files():
+        for path in canaries.exfil_files() + sorted(Path("/tmp").glob(f"genopt-ran-{nonce}-*")):
             with contextlib.suppress(OSError):
                 path.unlink()
         shutil.rmtree(directory, ignore_errors=True)
@@ -130,6 +139,32 @@ TARGETS = {
     "atari": Target("select_action", "def select_action(obs):", True, "raise RuntimeError(R)",
                     "return 0"),
 }
+# The starting artifacts the hostile loops run: every one with trainable code (bbeh's
+# prompt_only has none: its payloads would be prompts, which never run), and for atari the two
+# generic ones plus a game-specific modular one (the other games' differ only in names).
+HOSTILE_INITS = {"bbeh": ("prompt_and_extraction",), "ml_pipeline": ("one_function", "many_function"),
+                 "atari": ("single", "modular", "Pong.modular")}
+
+
+def positions(project: str, init: str) -> list[Target]:
+    """One target per trainable code parameter of a starting artifact, with its own def line:
+    where a payload goes so that it runs (the other parameters keep their valid values)."""
+    from mlflow_genopt.project import load_project
+
+    start = load_project(project).starting_artifacts[init]
+    found = []
+    for parameter in start.spec.trainable:
+        if parameter.kind != "code":
+            continue
+        tree = ast.parse(start.values[parameter.name])
+        (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef)
+                   and n.name == parameter.expected_function]
+        for arg in node.args.args:
+            arg.annotation = None  # shorter: bbeh's extract_answer has 1500 characters
+        header = f"def {node.name}({ast.unparse(node.args)}):"
+        found.append(Target(parameter.name, header, TARGETS[project].module_level,
+                            TARGETS[project].leave, TARGETS[project].fallback))
+    return found
 
 
 def _indent(lines: list[str], prefix: str = "    ") -> list[str]:
@@ -137,16 +172,20 @@ def _indent(lines: list[str], prefix: str = "    ") -> list[str]:
 
 
 def _program(target: Target, body: list[str], tag: str, nonce: str) -> str:
-    """Attack ``body`` (which sets ``R``), then exfiltration through print, files and the
-    function's result/exception; at module level for targets that import the code."""
+    """A marker that the payload ran (its uid and pid, in ``/tmp``), the attack ``body`` (which
+    sets ``R``), then exfiltration through print, files and the function's result/exception; at
+    module level for targets that import the code."""
+    ran = ["_o=__import__('os')",
+           f"try:open('/tmp/genopt-ran-{nonce}-{tag}','w').write('%d %d'%(_o.getuid(),_o.getpid()))",
+           "except Exception:pass"]
+    body = ran + body
     exfil = [
-        "_t = R[:100000].encode('utf-8', 'backslashreplace').decode()",
+        "_t=R[:100000].encode('utf8','backslashreplace').decode()",
         "print(_t)",
         "try:",
-        "    open('exfil.txt', 'w').write(_t)",
-        f"    open('/tmp/genopt-exfil-{nonce}-{tag}.txt', 'w').write(_t)",
-        "except Exception:",
-        "    pass",
+        "    open('exfil.txt','w').write(_t)",
+        f"    open('/tmp/genopt-exfil-{nonce}-{tag}.txt','w').write(_t)",
+        "except Exception:pass",
     ]
     if target.module_level:
         return "\n".join(body + exfil + [target.leave, "", target.header, "    return 0", ""])
@@ -171,6 +210,7 @@ def _probe_read(nonce: str, c: Canaries) -> list[str]:
 
 
 def _probe_write_net(nonce: str, c: Canaries, port: int) -> list[str]:
+    short = [t.replace(f"PWNED-{nonce}", "#") for t in c.write_targets]  # bbeh: 1500 characters
     return [
         "import os, socket",
         "def _w(p):",
@@ -180,7 +220,7 @@ def _probe_write_net(nonce: str, c: Canaries, port: int) -> list[str]:
         "        return 'WROTE'",
         "    except Exception as e:",
         "        return type(e).__name__[:5]",
-        f"_ws = [_w(p) for p in {c.write_targets!r}]",
+        f"_ws = [_w(p.replace('#', 'PWNED-{nonce}')) for p in {short!r}]",
         "def _n(kind):",
         "    try:",
         "        if kind == 'tcp':",
@@ -234,12 +274,18 @@ class Payload:
     name: str
     kind: str  # "malformed" (must never become a version), "attack" (valid code), "legit", "http"
     answer: Any  # str, or a fake_openai.Reply
+    marker: str = ""  # an attack's short id: its files in /tmp are named by it
 
 
-def catalog(project: str, c: Canaries, port: int, *, full: bool) -> list[Payload]:
+def catalog(project: str, c: Canaries, port: int, *, full: bool,
+            targets: list[Target] | None = None, every_position: bool = False) -> list[Payload]:
     """The optimizer answers for one loop, in order. ``full``: every malformed form (cheap on
-    bbeh); otherwise a representative few (every step of ml_pipeline / atari costs seconds)."""
-    t = TARGETS[project]
+    bbeh); otherwise a representative few (every step of ml_pipeline / atari costs seconds).
+    ``targets``: the trainable code parameters (:func:`positions`); each attack goes into one
+    of them, the others keep their valid values: in turn, or with ``every_position`` into each
+    one in its own proposal. Malformed answers aim at the first."""
+    targets = targets or [TARGETS[project]]
+    t = targets[0]
     nonce = c.nonce
     p = t.parameter
 
@@ -284,14 +330,18 @@ def catalog(project: str, c: Canaries, port: int, *, full: bool) -> list[Payload
     if not full:
         keep = {"truncated", "syntax_error", "lone_surrogate", "http_not_utf8", "deep_nesting"}
         malformed = [m for m in malformed if m.name in keep]
-    attacks = []
-    for name, body in _attacks(nonce, c, port).items():
-        if project == "bbeh" or name not in ("big_file", "deep_recursion"):
-            attacks.append(Payload(name, "attack", answer(**{p: _program(t, body, name, nonce)})))
+    bodies = {name: body for name, body in _attacks(nonce, c, port).items()
+              if project == "bbeh" or name not in ("big_file", "deep_recursion")}
     if project != "bbeh":  # one probe reads and writes; bbeh's 1500 characters need two
         merged = _probe_read(nonce, c) + ["_R1 = R"] + _probe_write_net(nonce, c, port) + ["R = _R1 + ' ' + R"]
-        attacks = [a for a in attacks if not a.name.startswith("probe_")]
-        attacks.insert(0, Payload("probe", "attack", answer(**{p: _program(t, merged, "probe", nonce)})))
+        bodies = {"probe": merged, **{k: v for k, v in bodies.items() if not k.startswith("probe_")}}
+    attacks = []
+    for i, (name, body) in enumerate(bodies.items()):
+        for where in (targets if every_position else [targets[i % len(targets)]]):
+            marker = f"k{len(attacks)}"
+            attacks.append(Payload(f"{name}@{where.parameter}", "attack",
+                                   answer(**{where.parameter: _program(where, body, marker, nonce)}),
+                                   marker))
     legit = Payload("fenced_json_with_fenced_code", "legit",
                     "Here is my proposal:\n```json\n" + answer(**{p: f"```python\n{good}```"}) + "\n```")
     # An unusable HTTP body is retried, and the retry gets the next answer: each goes before a
@@ -315,23 +365,24 @@ def task_model_answers(request: dict, index: int) -> str:
 
 
 # --- one loop ----------------------------------------------------------------------------------
-def loop_config(project: str, steps: int):
+def loop_config(project: str, steps: int, init: str | None = None):
     from mlflow_genopt.config import LoopConfig
 
+    init = init or HOSTILE_INITS[project][0]
     common = dict(project=project, steps=steps, batch_size=1, acceptance="improve", memory_size=2,
-                  optimizer_model="openai:fake", max_workers=2, seed=0)
+                  optimizer_model="openai:fake", max_workers=2, seed=0, init=init)
     if project == "bbeh":
-        return LoopConfig(task="generated_arithmetic", init="prompt_and_extraction", **common,
+        return LoopConfig(task="generated_arithmetic", **common,
                           task_model="openai:fake",
                           task_options={"train_size": 4, "val_size": 2, "test_size": 2,
                                         "extract_timeout_s": 2})
     if project == "ml_pipeline":
-        return LoopConfig(task="breast-cancer", init="one_function", **common,
-                          task_options={"max_train_rows": 60, "n_folds": 2, "timeout_s": 5,
+        return LoopConfig(task="breast-cancer", **common,
+                          task_options={"max_train_rows": 60, "n_folds": 2, "timeout_s": 30,
                                         "memory_mb": 1024})
-    return LoopConfig(task="Pong", init="single", credit_horizon=5, **common,
+    return LoopConfig(task="Pong", credit_horizon=5, **common,
                       task_options={"eval_episodes": 1, "eval_max_steps": 40, "test_episodes": 1,
-                                    "train_episodes": 2, "video_steps": 4, "episode_timeout_s": 2,
+                                    "train_episodes": 2, "video_steps": 4, "episode_timeout_s": 10,
                                     "workers": 1})
 
 
@@ -354,6 +405,11 @@ class HostileReport:
     malformed_rejected: int = 0
     valid_sent: int = 0
     attacks_evaluated: int = 0
+    # payloads that ran (their first statement wrote a marker), and of them, those that ran in
+    # the sandbox (another uid, or another process, than the loop's): by code parameter
+    payloads_placed: dict[str, int] = field(default_factory=dict)
+    payloads_ran: dict[str, int] = field(default_factory=dict)
+    payloads_ran_in_sandbox: dict[str, int] = field(default_factory=dict)
     faults_injected: int = 0
     http_malformed: int = 0  # malformed HTTP bodies: retried by the client, like faults
     llm_retries: int = 0
@@ -419,16 +475,21 @@ def _reap(nonce: str) -> None:
             os.kill(int(pid), 9)
 
 
-def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None,
-                     fault_rate: float = 0.0) -> HostileReport:
-    """One loop of ``project`` against the hostile endpoint; see the module docstring.
-    ``fault_rate``: also inject endpoint faults (timeouts, 429, 500, dropped connections) into
-    that share of requests; every fault and every HTTP-level malformed answer must then show up
-    as exactly one retry in the run's ``llm_retries``."""
+def run_hostile_loop(project: str, workdir: Path, *, init: str | None = None,
+                     full: bool | None = None, fault_rate: float = 0.0,
+                     every_position: bool = False) -> HostileReport:
+    """One loop of ``project`` from starting artifact ``init`` against the hostile endpoint; see
+    the module docstring. Each attack goes into one trainable code parameter (in turn, or with
+    ``every_position`` into each), the others valid. ``fault_rate``: also inject endpoint faults
+    (timeouts, 429, 500, dropped connections) into that share of requests; every fault and
+    every HTTP-level malformed answer must then show up as exactly one retry in the run's
+    ``llm_retries``."""
     from mlflow_genopt.build import run_loop
 
     full = project == "bbeh" if full is None else full
-    report = HostileReport(project)
+    init = init or HOSTILE_INITS[project][0]
+    targets = positions(project, init)
+    report = HostileReport(f"{project}/{init}")
     workdir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{workdir}/mlflow.db"
     started = time.time()
@@ -436,10 +497,11 @@ def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None,
             FakeOpenAI(task=task_model_answers, fault_rate=fault_rate, max_faults_per_request=2,
                        timeout_sleep_s=3.0, retry_after="0.05") as server, \
             _env(GENOPT_LLM_BACKOFF_S="0.01", GENOPT_LLM_MAX_RETRIES="4", GENOPT_LLM_TIMEOUT_S="2"):
-        payloads = catalog(project, c, server.port, full=full)
+        payloads = catalog(project, c, server.port, full=full, targets=targets,
+                           every_position=every_position)
         server.optimizer = [p.answer for p in payloads] + [json.dumps({"reasoning": "done"})]
         http_level = sum(p.kind == "http" for p in payloads)
-        config = loop_config(project, steps=len(payloads) - http_level)
+        config = loop_config(project, steps=len(payloads) - http_level, init=init)
         result = None
         try:
             result = run_loop(config, tracking=uri, experiment=f"hostile-{project}",
@@ -461,7 +523,7 @@ def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None,
             if result.stop_reason != "completed" or len(result.steps) != config.steps:
                 report.loop_crashes = 1
                 report.crash = f"stopped early: {result.stop_reason} after {len(result.steps)} steps"
-            report.malformed_adopted = _malformed_versions(result, project)
+            report.malformed_adopted = _malformed_versions(result, config)
             report.malformed_rejected = sum(not s.valid for s in result.steps)
             report.attacks_evaluated = sum(1 for s in result.steps if s.valid)
             report.invalid_reasons = [s.invalid_reason[:100] for s in result.steps if not s.valid]
@@ -477,6 +539,18 @@ def run_hostile_loop(project: str, workdir: Path, *, full: bool | None = None,
             report.written.append(str(c.public_file))
         report.writes_outside_scratch = len(report.written)
         report.tmp_files_written = len(c.exfil_files())
+        ran = c.ran_markers()
+        for payload in payloads:
+            if payload.kind != "attack":
+                continue
+            where = payload.name.split("@")[1]
+            report.payloads_placed[where] = report.payloads_placed.get(where, 0) + 1
+            if payload.marker in ran:
+                uid, pid = ran[payload.marker]
+                report.payloads_ran[where] = report.payloads_ran.get(where, 0) + 1
+                if uid != os.getuid() or pid != os.getpid():
+                    report.payloads_ran_in_sandbox[where] = \
+                        report.payloads_ran_in_sandbox.get(where, 0) + 1
 
         # everything the loop logged or sent, and every file written since it started
         blobs: list[tuple[str, bytes]] = []
@@ -513,11 +587,14 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _malformed_versions(result, project: str) -> int:
+def _malformed_versions(result, config) -> int:
     """Versions holding a malformed proposal's marker, or any value that breaks its parameter's
     rules (code that does not parse or lacks its function, a prompt without its placeholder,
     text that is not valid Unicode)."""
-    target = TARGETS[project]
+    from mlflow_genopt.project import load_project
+
+    spec = load_project(config.project).starting_artifacts[config.init].spec
+    functions = {p.name: p.expected_function for p in spec.parameters if p.kind == "code"}
     bad = 0
     for record in result.versions:
         values = record.version.values
@@ -528,11 +605,11 @@ def _malformed_versions(result, project: str) -> int:
             except UnicodeEncodeError:
                 broken = True
                 continue
-            if name == target.parameter:
+            if name in functions:
                 try:
                     tree = ast.parse(value)
                     defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-                    broken |= target.header.split()[1].split("(")[0] not in defined
+                    broken |= functions[name] not in defined
                 except (SyntaxError, ValueError):
                     broken = True
             if name == "prompt":
@@ -571,6 +648,10 @@ def _check(report: HostileReport) -> None:
     # each malformed answer was rejected with its reason, each valid (hostile) one was run
     assert report.malformed_rejected == report.malformed_sent >= 4, details
     assert report.attacks_evaluated == report.valid_sent, details
+    # every attack ran, in the sandbox, in the parameter it was put in; every code parameter
+    # of the starting artifact got some
+    assert report.payloads_ran_in_sandbox == report.payloads_ran == report.payloads_placed, details
+    assert set(report.payloads_placed) == {t.parameter for t in positions(*report.project.split("/"))}
 
 
 def test_control_the_read_probe_finds_every_secret_outside_the_sandbox(tmp_path: Path) -> None:
@@ -591,10 +672,12 @@ def test_bbeh_loop_survives_every_hostile_proposal(tmp_path: Path) -> None:
     assert report.proposals_tried >= 25
 
 
-def test_ml_pipeline_loop_survives_hostile_training_code(tmp_path: Path) -> None:
-    _check(run_hostile_loop("ml_pipeline", tmp_path, fault_rate=FAULT_RATE))
+@pytest.mark.parametrize("init", HOSTILE_INITS["ml_pipeline"])
+def test_ml_pipeline_loop_survives_hostile_training_code(tmp_path: Path, init: str) -> None:
+    _check(run_hostile_loop("ml_pipeline", tmp_path, init=init, fault_rate=FAULT_RATE))
 
 
-def test_atari_loop_survives_hostile_policies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("init", HOSTILE_INITS["atari"])
+def test_atari_loop_survives_hostile_policies(tmp_path: Path, init: str) -> None:
     pytest.importorskip("ale_py")
-    _check(run_hostile_loop("atari", tmp_path, fault_rate=FAULT_RATE))
+    _check(run_hostile_loop("atari", tmp_path, init=init, fault_rate=FAULT_RATE))

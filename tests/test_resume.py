@@ -147,3 +147,107 @@ def test_resume_of_an_unknown_or_finished_run_is_a_one_line_error(reference, tmp
                               timeout=120)
         assert done.returncode == 2 and message in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+# --- traces: every committed phase's LLM calls exactly once, however often the loop is killed --
+TRACED = ("--option", "extract_timeout_s=7")  # its own evaluations (see KILLED)
+
+
+def run_exists(db_path) -> bool:
+    try:
+        with sqlite3.connect(db_path, timeout=1) as con:
+            return con.execute("select count(*) from runs").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
+def trace_audit(uri: str) -> dict:
+    """The one run of ``uri``'s experiment and its traces, checked against its metrics: per
+    phase (initial, each step, test) the traces found and how many of them hold exactly the
+    phase's LLM calls (one span each; ``llm_calls`` + ``llm_errors`` at that step, ``test_*``
+    for the test); ``orphans``: traces that do not name the run as their ``mlflow.sourceRun``."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("genopt").experiment_id
+    (run,) = client.search_runs([experiment])
+    run_id = run.info.run_id
+    mlflow.set_tracking_uri(uri)
+    traces = mlflow.search_traces(locations=[experiment], return_type="list")
+    orphans = sum(t.info.trace_metadata.get("mlflow.sourceRun") != run_id for t in traces)
+
+    def per_step(key: str) -> dict[int, float]:
+        history = client.get_metric_history(run_id, key)
+        assert len({m.step for m in history}) == len(history), f"{key} logged twice"
+        return {m.step: m.value for m in history}
+
+    calls, errors = per_step("llm_calls"), per_step("llm_errors")
+    expected = {("initial", 0): calls[0] + errors[0]}
+    expected.update({("step", s): calls[s] + errors[s] for s in calls if s > 0})
+    metrics = run.data.metrics
+    if "test_llm_calls" in metrics:
+        expected[("test", max(calls))] = metrics["test_llm_calls"] + metrics["test_llm_errors"]
+    found: dict[tuple[str, int], list[int]] = {}
+    for t in traces:
+        key = (t.info.tags.get("genopt.phase"), int(t.info.tags.get("genopt.step", -1)))
+        found.setdefault(key, []).append(len(t.data.spans) - 1)
+    phases = {k: v for k, v in expected.items() if v > 0}  # a phase without calls has no trace
+    return {
+        "status": run.info.status, "traces": len(traces), "orphans": orphans, "phases": len(phases),
+        "lost": sum(k not in found for k in phases),
+        "duplicated": sum(len(found.get(k, [])) > 1 for k in phases),
+        "wrong_calls": sum(found.get(k, [n])[0] != n for k, n in phases.items() if k in found),
+        "unexpected": sorted(str(k) for k in found if k not in phases),
+        "steps_traced": sum(phase == "step" for phase, _ in found),
+    }
+
+
+def kill_and_resume(tmp_path, db_name: str, kills: int, rng: random.Random, *extra: str) -> dict:
+    """Run the loop, SIGKILL it ``kills`` times at random moments (the first one before step 1
+    commits, the others somewhere in the step after the next), resume it to the end with the same
+    command, and :func:`trace_audit` the run."""
+    db = tmp_path / db_name
+    done_kills = 0
+    while done_kills < kills:
+        process = subprocess.Popen(command(tmp_path, db_name, *TRACED, *extra),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = max(checkpoint_step(db), 0) + (0 if done_kills == 0 else 1)
+        deadline = time.monotonic() + 180
+        while process.poll() is None and (checkpoint_step(db) < target or not run_exists(db)):
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 1.0 if done_kills == 0 else 0.6))
+        if process.poll() is not None:
+            break  # finished before this kill: no more steps to kill in
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        done_kills += 1
+    done = subprocess.run(command(tmp_path, db_name, *TRACED, *extra), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    audit = trace_audit(f"sqlite:///{db}")
+    audit["kills"] = done_kills
+    return audit
+
+
+def test_traces_of_every_committed_phase_survive_sigkills_exactly_once(reference, tmp_path):
+    tmp, _ = reference
+    rng = random.Random(int(os.environ.get("GENOPT_TEST_SEED", "11")))
+    audit = kill_and_resume(tmp, "traced.db", 5, rng, "--steps", "8")
+    assert audit["kills"] == 5, audit  # 8 steps leave room for 5 kills, each after progress
+    assert audit["status"] == "FINISHED", audit
+    # every step calls the optimizer; the initial and test phases may be served by the
+    # evaluation cache (filled by a killed attempt): a phase without calls has no trace
+    assert audit["steps_traced"] == 8 and audit["phases"] >= 8, audit
+    assert (audit["lost"], audit["duplicated"], audit["wrong_calls"], audit["orphans"]) == \
+        (0, 0, 0, 0), audit
+    assert audit["unexpected"] == [] and audit["traces"] == audit["phases"], audit
+
+
+def test_the_uninterrupted_run_has_one_trace_per_phase(reference):
+    tmp, _ = reference
+    audit = trace_audit(f"sqlite:///{tmp / 'reference.db'}")
+    assert audit["phases"] == STEPS + 2 and audit["traces"] == STEPS + 2, audit
+    assert (audit["lost"], audit["duplicated"], audit["wrong_calls"], audit["orphans"]) == \
+        (0, 0, 0, 0), audit

@@ -12,7 +12,9 @@ Run (``<task>-<init>-b<batch>-s<seed>``)
     version, stop reason); metrics per step
     (``batch_score``, ``val_score``, ``best_val_score``, ``accepted``, ``valid``, tokens, cost,
     latency, ``llm_retries``, timings) and at the end ``test_score`` and ``totals/<key>`` (also
-    when the loop fails: then with tag ``genopt.error``); artifacts
+    when the loop fails: then with tag ``genopt.error``; a resumed run moves it to
+    ``genopt.previous_error``), LLM usage by phase (step 0: the starting version; ``test_*``;
+    ``failed_*``: phases that failed before they committed), adding up to ``totals/*``; artifacts
     ``config.yaml``, ``artifact_spec.json``, ``versions/<version_id>/`` (parameter files,
     ``version.json``, ``diff.patch``), ``steps/<step>/`` (learning context, raw response,
     proposal, trials, checkpoint), ``result.json``, ``steps.jsonl``, ``versions.jsonl``,
@@ -26,9 +28,10 @@ Logged models (the experiment's Models tab)
     on the selected version; when the task exports an MLflow model for the selected version
     (``export_dir/model/MLmodel``), that LoggedModel holds it and ``models:/<model_id>`` loads it.
 Traces
-    one trace per phase (evaluating the starting version, each step, the final test), linked to
-    the run and to the LoggedModel of the version that phase produced, with one ``CHAT_MODEL``
-    span per LLM call at its real start and end time (token usage, cost, cache hit, errors).
+    one trace per phase (evaluating the starting version, each step, the final test, a phase a
+    failure cut short), tagged ``genopt.phase`` and ``genopt.step``, linked to the run and to the
+    LoggedModel of the version that phase produced, with one ``CHAT_MODEL`` span per LLM call at
+    its real start and end time (token usage, cost, cache hit, errors).
 
 Guarantees. Writes happen in the order the loop reports events, on one background thread (or
 inline with ``asynchronous=False``), so the loop only pays for handing a record over; LLM calls
@@ -37,16 +40,16 @@ every run, model, metric and artifact write has been attempted and the run is te
 write that fails is logged as a warning, counted in :attr:`MlflowTracker.errors` and the run tag
 ``genopt.tracking_errors``, and does not stop the loop (with ``asynchronous=False`` it raises
 instead). If the process exits before either is called, pending writes are flushed and the run
-ends ``KILLED``. Traces are handed to MLflow's own asynchronous trace exporter, which stores them
-within seconds and always before the process exits; ``tracker.flush(traces=True)`` (or
-``mlflow.search_traces(..., flush=True)``) waits for them.
+ends ``KILLED``. A phase's trace is written by the same writer, straight to the store, before
+the batch that commits the phase (see :mod:`.traces`), never by MLflow's background exporter.
 
 Resume. A step counts as logged once its metrics land: they are written in one ``log_batch``
 (one transaction on SQL stores) after the step's files, ``checkpoint.json`` included, have
 been uploaded. :func:`last_logged_step` is the last step with a ``step_wall_time_s`` value,
 :func:`load_run_checkpoint` reads that step's checkpoint, and a resumed tracker
 (``run_id=``, ``resume_versions=``) continues the run after it, reusing the LoggedModels and
-cumulative metrics already written. :func:`find_resumable_run` offers only unfinished loop runs
+cumulative metrics already written, after deleting the traces of phases that never committed
+(so each committed phase has exactly one). :func:`find_resumable_run` offers only unfinished loop runs
 that are not a study's trials.
 
 Imports. The names below are loaded on first use (PEP 562), so that ``import

@@ -52,6 +52,7 @@ TAG_EXPORTED_MODEL = "genopt.exported_model"  # "true": the model holds the task
 
 # --- trace and prompt-version tags --------------------------------------------------------------
 TAG_RUN_ID = "genopt.run_id"
+TAG_PHASE = "genopt.phase"  # a trace's phase: initial, step, test or failed (see tracking.traces)
 TAG_VAL_SCORE = "genopt.val_score"
 TAG_TEST_SCORE = "genopt.test_score"
 
@@ -87,7 +88,9 @@ METRIC_SHRINK_LEVEL = "context_shrink_level"  # 0: the whole context fit the win
 METRIC_LLM_ERRORS = "llm_errors"  # requests that failed for good
 METRIC_CACHED_TOKENS = "cached_tokens"  # tokens replayed from the response cache
 # LLM usage outside steps: the starting version's validation is logged with the step metrics'
-# names at step 0; the final test evaluation as test_<name> (so that the sums equal totals/).
+# names at step 0; the final test evaluation as test_<name>; the work of phases that failed (and
+# were redone after a resume) as failed_<name>, cumulative. Step 0 + every step + test_ +
+# failed_ add up to totals/<name>.
 PHASE_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
                     "llm_calls", "cached_calls", "llm_errors", "llm_retries")
 # Logged with every step's metrics, in the same batch: its history says which steps landed.
@@ -99,6 +102,12 @@ METRIC_TEST_SCORE = "test_score"
 def test_metric(key: str) -> str:
     """The name of the final test evaluation's usage metric ``key``."""
     return f"test_{key}"
+
+
+def failed_metric(key: str) -> str:
+    """The name of the usage metric ``key`` of phases that failed before they committed
+    (cumulative over the run's failures)."""
+    return f"failed_{key}"
 
 
 def val_metric(key: str) -> str:

@@ -260,10 +260,7 @@ def totals_metrics(totals: Mapping[str, float]) -> dict[str, float]:
     return {layout.totals_metric(k): v for k, v in totals.items()}
 
 
-def phase_usage_metrics(result: LoopResult) -> tuple[dict[str, float], dict[str, float]]:
-    """The usage of the phases outside steps: (the starting version's validation, logged at
-    step 0 under the step metrics' names; the test evaluation, as ``test_<name>``)."""
-    initial = result.phase_usage.get("initial", {})
-    test = result.phase_usage.get("test", {})
-    return ({k: initial.get(k, 0.0) for k in layout.PHASE_USAGE_KEYS},
-            {layout.test_metric(k): test.get(k, 0.0) for k in layout.PHASE_USAGE_KEYS})
+def usage_metrics(usage: Mapping[str, float], name=lambda key: key) -> dict[str, float]:
+    """The usage keys of one phase (:data:`layout.PHASE_USAGE_KEYS`) as metrics, named by
+    ``name`` (the step metrics' own names for step 0, ``layout.test_metric``, ...)."""
+    return {name(k): float(usage.get(k, 0.0)) for k in layout.PHASE_USAGE_KEYS}

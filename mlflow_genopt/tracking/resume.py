@@ -52,6 +52,14 @@ def load_run_checkpoint(tracking_uri: str, run_id: str) -> tuple[dict[str, str],
     return dict(run.data.params), checkpoint, run.info.status
 
 
+def failed_usage(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """What the failed attempts of a loop run spent (its latest ``failed_<key>`` metrics,
+    cumulative), for the resumed loop to carry into its totals."""
+    metrics = MlflowClient(tracking_uri).get_run(run_id).data.metrics
+    return {key: metrics[layout.failed_metric(key)] for key in layout.PHASE_USAGE_KEYS
+            if layout.failed_metric(key) in metrics}
+
+
 def find_resumable_run(tracking_uri: str, experiment: str, config_hash: str) -> str | None:
     """The newest unfinished (RUNNING, KILLED or FAILED) loop run with this config hash."""
     try:

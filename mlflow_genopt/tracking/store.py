@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ..config import ConfigError
+from . import layout
 
 _logger = logging.getLogger(__name__)
 
@@ -167,3 +168,19 @@ def with_context_tags(tags: Mapping[str, str]) -> dict[str, str]:
     except Exception:
         _logger.debug("could not resolve MLflow context tags", exc_info=True)
         return dict(tags)
+
+
+def log_export(client: MlflowClient, run_id: str, directory: Path, model_id: str | None) -> None:
+    """The task's deliverables for the selected version go under ``export/``; an MLflow model
+    among them (``model/MLmodel``) becomes the selected LoggedModel's own artifacts, so that
+    ``mlflow.pyfunc.load_model("models:/<model_id>")`` loads it."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"export_dir {directory} does not exist")
+    client.log_artifacts(run_id, str(directory), layout.EXPORT_DIR)
+    model_dir = directory / layout.EXPORTED_MODEL_DIR
+    if model_id is not None and (model_dir / layout.MLMODEL_FILE).is_file():
+        client.log_model_artifacts(model_id, str(model_dir))  # replaces the stub MLmodel
+        client.delete_logged_model_tag(model_id, MLFLOW_MODEL_IS_EXTERNAL)
+        client.set_logged_model_tags(model_id, {layout.TAG_EXPORTED_MODEL: "true"})

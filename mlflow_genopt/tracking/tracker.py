@@ -22,7 +22,8 @@ from typing import Any, Iterable, Mapping
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunStatus, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_PARENT_RUN_ID
+from mlflow.tracing.client import TracingClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from ..artifact import ArtifactVersion
 from ..config import LoopConfig
@@ -30,7 +31,7 @@ from ..events import LoopCallback, LoopResult, LoopStart, StepRecord, VersionRec
 from ..llm.base import LLMCall
 from . import layout, records, store
 from .resume import last_logged_step
-from .traces import write_trace
+from . import traces
 from .write_queue import WriteQueue
 
 __all__ = ["MlflowTracker"]
@@ -130,8 +131,10 @@ class MlflowTracker(LoopCallback):
         self._versions: dict[str, ArtifactVersion] = {}
         self._model_ids: dict[str, str] = {}
         self._version_metrics: dict[str, dict[str, float]] = {}
+        self._tracing = None  # mlflow TracingClient: traces are written straight to the store
         self._pending_calls: list[LLMCall] = []
         self._pending_metrics: list[Metric] = []
+        self._initial_logged = False  # the starting version's usage metrics (step 0)
         self._phase = 0  # the step whose LLM calls are arriving (0: the starting version)
         self._tokens_cum = 0
         self._cost_cum = 0.0
@@ -165,21 +168,21 @@ class MlflowTracker(LoopCallback):
         return tuple(self._writer.errors) if self._writer else ()
 
     def flush(self, traces: bool = False) -> None:
-        """Wait until everything reported so far is written to MLflow; with ``traces``, also
-        until MLflow's trace exporter has stored every trace (this costs ~1-2 s: MLflow's
-        export queue polls with a 1 s timeout)."""
+        """Wait until everything reported so far is written to MLflow (traces included: they
+        are written by the same writer; ``traces`` is kept for compatibility)."""
         if self._writer is not None:
             self._writer.flush()
-        if traces:
-            mlflow.flush_trace_async_logging()
 
-    def fail(self, error: str | BaseException, totals: Mapping[str, float] | None = None) -> None:
+    def fail(self, error: str | BaseException, totals: Mapping[str, float] | None = None,
+             failed: Mapping[str, float] | None = None) -> None:
         """End the run ``FAILED`` with tag ``genopt.error`` (and ``totals`` as ``totals/<key>``
-        metrics: what the loop spent, LLM retries included), after writing what is pending.
-        Harmless before ``on_loop_start`` and after the run has ended."""
+        metrics: what the loop spent, LLM retries included; ``failed``: the usage of the work
+        that did not commit, cumulative over the run's failures, as ``failed_<key>``), after
+        writing what is pending. Harmless before ``on_loop_start`` and after the run ended."""
         if isinstance(error, BaseException):
             error = f"{type(error).__name__}: {error}"
-        self._finish(RunStatus.to_string(RunStatus.FAILED), error=str(error), totals=totals)
+        self._finish(RunStatus.to_string(RunStatus.FAILED), error=str(error), totals=totals,
+                     failed=failed)
 
     # --- LoopCallback -----------------------------------------------------------------------
     def on_loop_start(self, start: LoopStart) -> None:
@@ -191,6 +194,7 @@ class MlflowTracker(LoopCallback):
         store.create_sqlite_store_atomically(uri)
         mlflow.set_tracking_uri(uri)
         self._client = client = MlflowClient(uri)
+        self._tracing = TracingClient(uri)
         attached = client.get_run(self.attach_run_id) if self.attach_run_id else None
         self._experiment_id = (
             attached.info.experiment_id if attached
@@ -213,11 +217,16 @@ class MlflowTracker(LoopCallback):
             error = attached.data.tags.get(layout.TAG_ERROR)
             if error is not None:  # a resumed run is no longer failing: keep the history visible
                 tags[layout.TAG_PREVIOUS_ERROR] = error
-                client.delete_tag(self._run_id, layout.TAG_ERROR)
             client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            for stale in (layout.TAG_ERROR, layout.TAG_STOP_REASON):  # it is running again
+                if stale in attached.data.tags:
+                    client.delete_tag(self._run_id, stale)
             if attached.info.status != "RUNNING":
                 client.update_run(self._run_id, status="RUNNING")
             self._preload(client, attached)
+            # the traces of phases that never committed are redone: delete them first
+            traces.delete_uncommitted(self._tracing, self._experiment_id, self._run_id,
+                                      self._last_step)
             # the launcher (e.g. `mlflow run`) may already have logged some params verbatim
             params_to_log = {k: v for k, v in params.items() if k not in attached.data.params}
         else:
@@ -275,6 +284,7 @@ class MlflowTracker(LoopCallback):
         if checkpoint:
             self._last_step = checkpoint
             self._phase = checkpoint + 1
+            self._initial_logged = True  # with step 1's metrics
 
     def _parent_run_id(self) -> str | None:
         if not self.nested:
@@ -290,14 +300,15 @@ class MlflowTracker(LoopCallback):
         return active.info.run_id
 
     def _finish(self, status: str, *, error: str | None = None, interrupted: bool = False,
-                totals: Mapping[str, float] | None = None) -> None:
+                totals: Mapping[str, float] | None = None,
+                failed: Mapping[str, float] | None = None) -> None:
         with self._end_lock:
             if self._writer is None or self._ended:
                 return
             self._ended = True
         writer = self._writer
         if error is not None or interrupted:
-            writer.submit(self._write_abort, error, dict(totals or {}))
+            writer.submit(self._write_abort, error, dict(totals or {}), dict(failed or {}))
         writer.submit(self._log_metrics)  # whatever a last version left queued
         writer.close()
         try:
@@ -314,9 +325,6 @@ class MlflowTracker(LoopCallback):
     def _at_exit(self) -> None:
         try:
             self._finish(RunStatus.to_string(RunStatus.KILLED), interrupted=True)
-            # MLflow's own exit flush may already have run (it registers when the first span
-            # is made, after this hook), so the spans written just now need one more.
-            mlflow.flush_trace_async_logging(terminate=True)
         except Exception:
             _logger.warning("MLflow tracking: could not end run %s at exit", self._run_id)
 
@@ -378,7 +386,7 @@ class MlflowTracker(LoopCallback):
         self._add_metrics(metrics, version.step, timestamp, model_id=model_id)
         self._version_metrics[version_id] = metrics
         if record.status == "initial":
-            self._flush_calls(f"evaluate {version_id}", model_id=model_id)
+            self._flush_calls(f"evaluate {version_id}", traces.PHASE_INITIAL, 0, model_id=model_id)
             self._phase = 1
 
     def _create_model(self, record: VersionRecord) -> str:
@@ -403,13 +411,19 @@ class MlflowTracker(LoopCallback):
     def _write_step(self, record: StepRecord, timestamp: int) -> None:
         step = record.step
         candidate_model = self._model_ids.get(record.candidate_id or "")
-        self._flush_calls(f"step {step}", model_id=candidate_model, step_record=record)
+        # The step's trace is written before the batch that commits the step (see .traces).
+        self._flush_calls(f"step {step}", traces.PHASE_STEP, step, model_id=candidate_model,
+                          step_record=record)
 
         self._tokens_cum += record.prompt_tokens + record.completion_tokens
         self._cost_cum += record.cost_usd or 0.0
         logged = self._version_metrics.get(record.candidate_id or "", {})
         metrics = records.step_metrics(record, self._tokens_cum, self._cost_cum, logged)
         self._add_metrics(metrics, step, timestamp)
+        if not self._initial_logged:  # the starting version's phase commits with step 1
+            initial = (record.checkpoint or {}).get("initial_usage") or {}
+            self._add_metrics(records.usage_metrics(initial), 0, timestamp)
+            self._initial_logged = True
         self._write_files(records.step_files(record), layout.step_dir(step))
         # The step counts as logged once this batch's metrics land (one transaction, after the
         # checkpoint file); the tag is informational: SQL stores commit tags separately.
@@ -423,7 +437,7 @@ class MlflowTracker(LoopCallback):
     def _write_result(self, result: LoopResult, timestamp: int) -> None:
         selected_id = result.selected.version_id
         selected_model = self._model_ids.get(selected_id)
-        self._flush_calls("test", model_id=selected_model)
+        self._flush_calls("test", traces.PHASE_TEST, self._last_step, model_id=selected_model)
         tags = [
             RunTag(layout.TAG_SELECTED_VERSION, selected_id),
             RunTag(layout.TAG_STOP_REASON, layout.truncate(result.stop_reason)),
@@ -443,35 +457,34 @@ class MlflowTracker(LoopCallback):
         final: dict[str, Any] = records.totals_metrics(result.totals)
         if self._last_best is None or self._last_best != result.best_val_score:
             final[layout.METRIC_BEST_VAL_SCORE] = result.best_val_score
-        initial_usage, test_usage = records.phase_usage_metrics(result)
-        final.update(test_usage)
+        usage = result.phase_usage
+        final.update(records.usage_metrics(usage.get("test", {}), layout.test_metric))
+        if any(usage.get("failed", {}).values()):
+            final.update(records.usage_metrics(usage["failed"], layout.failed_metric))
         self._add_metrics(final, step, timestamp)
-        self._add_metrics(initial_usage, 0, timestamp)
+        if not self._initial_logged:  # no step committed: the starting version's phase now
+            self._add_metrics(records.usage_metrics(usage.get("initial", {})), 0, timestamp)
+            self._initial_logged = True
         self._log_metrics()
 
         self._write_files(records.result_files(result, self._model_ids, selected_model), None)
         if result.export_dir is not None:
-            self._write_export(Path(result.export_dir), selected_model)
+            store.log_export(self._client, self._run_id, Path(result.export_dir), selected_model)
 
-    def _write_export(self, directory: Path, model_id: str | None) -> None:
-        """The task's deliverables for the selected version go under ``export/``; an MLflow model
-        among them (``model/MLmodel``) becomes the selected LoggedModel's own artifacts, so that
-        ``mlflow.pyfunc.load_model("models:/<model_id>")`` loads it."""
-        if not directory.is_dir():
-            raise FileNotFoundError(f"export_dir {directory} does not exist")
-        self._client.log_artifacts(self._run_id, str(directory), layout.EXPORT_DIR)
-        model_dir = directory / layout.EXPORTED_MODEL_DIR
-        if model_id is not None and (model_dir / layout.MLMODEL_FILE).is_file():
-            self._client.log_model_artifacts(model_id, str(model_dir))  # replaces the stub MLmodel
-            self._client.delete_logged_model_tag(model_id, MLFLOW_MODEL_IS_EXTERNAL)
-            self._client.set_logged_model_tags(model_id, {layout.TAG_EXPORTED_MODEL: "true"})
-
-    def _write_abort(self, error: str | None, totals: Mapping[str, float] | None = None) -> None:
-        """The loop failed (``error``) or the process is exiting without a loop end."""
+    def _write_abort(self, error: str | None, totals: Mapping[str, float] | None = None,
+                     failed: Mapping[str, float] | None = None) -> None:
+        """The loop failed (``error``) or the process is exiting without a loop end. What is
+        pending did not commit: its calls become a ``failed`` trace and ``failed`` says what
+        that work cost (a resumed loop redoes it)."""
         reason = "error" if error is not None else "interrupted"
-        self._flush_calls(f"step {self._phase} ({reason})", error=error or reason)
+        self._flush_calls(f"step {self._phase} ({reason})", traces.PHASE_FAILED, self._phase,
+                          error=error or reason)
+        timestamp = records.now_ms()
         if totals:
-            self._add_metrics(records.totals_metrics(totals), self._last_step, records.now_ms())
+            self._add_metrics(records.totals_metrics(totals), self._last_step, timestamp)
+        if failed:
+            self._add_metrics(records.usage_metrics(failed, layout.failed_metric),
+                              self._last_step, timestamp)
         tags = [RunTag(layout.TAG_STOP_REASON, reason)]
         if error is not None:
             tags.append(RunTag(layout.TAG_ERROR, layout.truncate(error)))
@@ -480,15 +493,25 @@ class MlflowTracker(LoopCallback):
     def _flush_calls(
         self,
         name: str,
+        phase: str,
+        step: int,
         *,
         model_id: str | None = None,
         step_record: StepRecord | None = None,
         error: str | None = None,
     ) -> None:
-        """The trace of the LLM calls reported since the last one (see :mod:`.traces`)."""
-        calls, self._pending_calls = sorted(self._pending_calls, key=lambda c: c.start_time_ns), []
-        write_trace(
-            calls, name, run_id=self._run_id, experiment_id=self._experiment_id,
-            phase=step_record.step if step_record is not None else self._phase,
-            model_id=model_id, step_record=step_record, error=error,
-        )
+        """The trace of the LLM calls reported since the last one, written now (see
+        :mod:`.traces`). A store that refuses it costs the trace, not the step's metrics."""
+        calls, self._pending_calls = self._pending_calls, []
+        try:
+            traces.write_trace(
+                self._tracing, calls, name, run_id=self._run_id,
+                experiment_id=self._experiment_id, phase=phase, step=step, model_id=model_id,
+                step_record=step_record, error=error,
+            )
+        except Exception as exc:
+            if not self.asynchronous:
+                raise
+            message = f"write_trace: {type(exc).__name__}: {exc}"
+            self._writer.errors.append(message)
+            _logger.warning("MLflow tracking write failed (%s)", message, exc_info=True)
