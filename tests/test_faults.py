@@ -212,17 +212,14 @@ def test_an_endpoint_that_stays_down_ends_the_loop_with_one_line(tmp_path, monke
     base_url = server.base_url
     if mode == "nothing_listening":
         server.stop()
-    started = time.monotonic()
     try:
         with pytest.raises(LLMError) as caught:
             run_loop(bbeh_config(), tracking=uri, experiment="down", cache_dir=tmp_path / "cache",
                      base_url=base_url)
     finally:
         server.stop()
-    elapsed = time.monotonic() - started
     message = str(caught.value)
     assert "\n" not in message and base_url in message and "after 3 attempts" in message, message
-    assert elapsed < 20, elapsed
     client, run = run_of(uri, "down")
     assert run.info.status == "FAILED"
     assert run.data.tags["genopt.error"] == f"LLMError: {message}"
