@@ -698,7 +698,7 @@ def test_embedded_windows_of_the_real_models_come_from_their_headers() -> None:
 def test_smollm2_follows_a_grammar_and_survives_a_broken_one() -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dependency: install the project")
     from mlflow_genopt.artifact import ArtifactSpec, Parameter
-    from mlflow_genopt.formats import tagged_grammar
+    from mlflow_genopt.formats import diff_grammar, tagged_grammar
 
     spec = ArtifactSpec((Parameter("prompt", "prompt", "the instruction",
                                    placeholders=("{question}",)),))
@@ -708,7 +708,9 @@ def test_smollm2_follows_a_grammar_and_survives_a_broken_one() -> None:
     messages = [{"role": "user", "content": "Explain why the sky is blue."}]
     answer = llm.complete(messages, grammar=grammar, max_tokens=48, seed=0)
     assert answer.text.startswith("<reasoning>\n")
-    assert llm.broken_grammars == set()
+    edit = llm.complete(messages, grammar=diff_grammar(spec), max_tokens=24, seed=0)
+    assert edit.text.startswith("<reasoning>\n")
+    assert llm.broken_grammars == set()  # both edit formats' grammars compile
 
     broken = 'root ::= "a" missing_rule\n'
     free = llm.complete(messages, grammar=broken, max_tokens=16, seed=0)

@@ -62,7 +62,10 @@ class OpenAICompatibleLLM:
     ``GENOPT_LLM_MAX_RETRIES`` and ``GENOPT_LLM_BACKOFF_S`` when set, so that a command line can
     bound how long an unreachable endpoint is waited for. Answers never hold lone surrogates
     (replaced by U+FFFD). Safe to call from several threads: the ``openai`` client is, and the
-    only mutable state is a flag that only ever goes from False to True.
+    only mutable state is what the server refused (the structured-output level and the grammar
+    flag, see the module docstring), which only ever grows. A refusal naming the
+    response format or the grammar is not a transient failure: the request is resent at once in
+    the weaker form and no retry is counted.
     """
 
     def __init__(
