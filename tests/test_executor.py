@@ -38,18 +38,7 @@ PONG = dict(project="atari", task="Pong", init="single", credit_horizon=30,
                           "test_episodes": 1, "video_steps": 20, "workers": 2})
 ML = dict(project="ml_pipeline", task="breast-cancer", init="one_function",
           task_options={"max_train_rows": 100, "n_folds": 2, "timeout_s": 60})
-FOLLOW_BALL = '''def select_action(obs):
-    """Keep the paddle's centre level with the ball."""
-    ball, me = obs["ball"], obs["player"]
-    if ball is None or me is None:
-        return 0
-    gap = (ball["y"] + 2 + ball["dy"]) - (me["y"] + 8 + me["dy"])
-    if gap < -3:
-        return 2
-    if gap > 3:
-        return 3
-    return 0
-'''
+from test_atari_task import FOLLOW_BALL  # noqa: E402  (one known-good Pong policy)
 SCALED_LOGISTIC = '''def train_model(dataset):
     """Training: scaled logistic regression on every column."""
     from sklearn.linear_model import LogisticRegression
