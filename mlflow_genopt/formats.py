@@ -223,18 +223,28 @@ def _block(text: str, name: str) -> str | None:
 
 
 REASONING_LINES = 4  # the grammar ends the reasoning after this many lines (small models ramble)
-REASONING_LINE_CHARS = 300
+REASONING_LINE_CHARS = 200
+PROMPT_LINE_CHARS = 160  # a prompt value's lines; at most 2 * length_limit / this many of them
 
 
 def tagged_grammar(spec: ArtifactSpec) -> str:
     """A GBNF grammar for ``tagged`` answers: fixed delimiters, free content lines (a content
     line may not start with ``</``). The reasoning is at most :data:`REASONING_LINES` lines of
-    at most :data:`REASONING_LINE_CHARS` characters: SmolLM2 otherwise filled its whole token
-    budget with reasoning and never reached a value block."""
+    at most :data:`REASONING_LINE_CHARS` characters, and a prompt value's lines are bounded by
+    its length limit: SmolLM2 otherwise filled its whole token budget with reasoning (or with an
+    endless prompt) and the answer was cut before it was complete. Code values stay free."""
     rules = ['root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" '
              + " ".join(f"p{i}" for i in range(len(spec.trainable)))]
     for i, parameter in enumerate(spec.trainable):
-        rules.append(f'p{i} ::= "<{parameter.name}>\\n" body "</{parameter.name}>" "\\n"?')
+        body = "body"
+        if parameter.kind == "prompt":  # bounded by its length limit, so decoding ends in budget
+            body = f"pbody{i}"
+            lines = max(4, parameter.length_limit // PROMPT_LINE_CHARS * 2)
+            rules.append(f"{body} ::= pline{{0,{lines}}}")
+        rules.append(f'p{i} ::= "<{parameter.name}>\\n" {body} "</{parameter.name}>" "\\n"?')
+    if any(p.kind == "prompt" for p in spec.trainable):
+        rules.append(f'pline ::= ( [^<\\n] [^\\n]{{0,{PROMPT_LINE_CHARS}}} | "<" [^/\\n] '
+                     f'[^\\n]{{0,{PROMPT_LINE_CHARS}}} )? "\\n"')
     rules.append(f"reasoning ::= rline{{1,{REASONING_LINES}}}")
     rules.append(f'rline ::= [^<\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"')
     rules.append("body ::= line*")

@@ -92,6 +92,8 @@ def test_a_prompt_only_artifact_gets_a_prompt_example_with_its_own_placeholders_
         text = fmt.instructions(spec)
         assert "prompt parameter named prompt" in text and "{question}" in text
         assert "{name}" not in text and "greet" not in text
+    # a prompt value's lines are bounded too: the whole answer fits a small token budget
+    assert "pbody0 ::= pline{0," in TaggedFormat().request(spec)["grammar"]
     # the example itself, copied as the answer, is a valid proposal
     example = TaggedFormat().instructions(spec).split("named prompt:\n", 1)[1]
     answer = TaggedFormat().parse(example, spec, current)
