@@ -248,7 +248,9 @@ def test_scripted_loop_on_pong_logs_versions_and_a_video_despite_broken_policies
     script = [answer(FOLLOW_BALL), answer(RAISES_AT_IMPORT), answer(HANGS), "this is not JSON {",
               answer(INVALID_ACTION)]
     llm = ScriptedLLM(script)
+    # one scripted JSON answer per step, the malformed one included (no repair round)
     config = PROJECT.config(task="Pong", steps=5, credit_horizon=5, revert_patience=1,
+                            edit_format="json", repair_attempts=0,
                             task_options={"eval_episodes": 2, "eval_max_steps": 150, "test_episodes": 1,
                                           "video_steps": 60})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
