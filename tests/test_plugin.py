@@ -51,7 +51,8 @@ def scripted_bbeh_loop(uri: str, experiment: str = "genopt", *, steps: int = 4, 
         json.dumps({"reasoning": "an unknown placeholder", "prompt": "{question} {hint}"}),
     ][:steps])
     config = PROJECT.config(task="generated_arithmetic", steps=steps, batch_size=3, seed=seed,
-                            max_workers=2, task_options=SMALL_SPLITS)
+                            max_workers=2, task_options=SMALL_SPLITS,
+                            edit_format="json", repair_attempts=0)  # one answer per step
     return run_loop(config, tracking=uri, experiment=experiment, cache_dir=None,
                     optimizer_llm=optimizer, task_llm=ScriptedLLM(task_model),
                     callbacks=callbacks, **kwargs)
@@ -266,7 +267,8 @@ def test_optimize_prompts_runs_a_genopt_loop_as_its_optimizer(tmp_path):
             json.dumps({"reasoning": "ask for care", "qa": improved}),
         ])
         optimizer = GenoptPromptOptimizer(llm, steps=2, batch_size=2, memory_size=2,
-                                          acceptance="improve")
+                                          acceptance="improve",  # one JSON answer per step:
+                                          loop_options={"edit_format": "json", "repair_attempts": 0})
         with mlflow.start_run(experiment_id=experiment_id):  # optimize_prompts logs into it
             result = mlflow.genai.optimize_prompts(
                 predict_fn=predict_fn, train_data=data, prompt_uris=[base.uri],

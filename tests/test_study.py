@@ -63,6 +63,8 @@ def mlflow_uri(tmp_path_factory):
 
 
 def base(**changes):
+    # the scripted optimizers give one JSON answer per step: no repair round
+    changes = {"edit_format": "json", "repair_attempts": 0, **changes}
     return PROJECT.config(task="generated_arithmetic", max_workers=2, task_options=SMALL,
                           **changes)
 
@@ -163,6 +165,7 @@ def test_one_command_runs_a_grid_study_with_nested_runs_and_a_summary(tmp_path, 
         "study", "bbeh", "--task", "generated_arithmetic", "--steps", "2", "--max-workers", "2",
         "--option", "val_size=4", "--option", "test_size=4",
         "--optimizer-model", f"scripted:{answers}", "--task-model", f"scripted:{task_answers}",
+        "--edit-format", "json", "--repair-attempts", "0",
         "--param", "init=prompt_only,prompt_and_extraction", "--param", "memory_size=0,2",
         "--param", "batch_size=1,2", "--pruner", "none", "--storage", storage,
         "--study-name", "e2e", "--tracking-uri", mlflow_uri, "--experiment", "study-e2e",
