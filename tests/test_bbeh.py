@@ -115,7 +115,8 @@ def test_scripted_loop_on_the_generated_task_tracks_into_mlflow(tmp_path):
         json.dumps({"reasoning": "a template variable", "prompt": "{question} -> {answer}"}),
     ])
     config = PROJECT.config(task="generated_arithmetic", steps=4, batch_size=3,
-                            acceptance="improve", max_workers=2)
+                            acceptance="improve", max_workers=2,
+                            edit_format="json", repair_attempts=0)  # one scripted answer per step
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = run_loop(config, tracking=uri, experiment="bbeh-test", cache_dir=None,
                       optimizer_llm=optimizer, task_llm=ScriptedLLM(task_model))
