@@ -381,8 +381,9 @@ def test_any_csv_with_a_target_and_a_metric_is_a_task(tmp_path):
     frame["price"] = 1000 * frame["size"] + 5000 * frame["rooms"] + np.where(frame["city"] == "north", 30000, 0)
     path = tmp_path / "homes.csv"
     frame.to_csv(path, index=False)
-    config = PROJECT.config(task="csv", init="many_function", steps=1, task_options=_fast(
-        data_dir=str(path), target="price", metric="mae", id_column="row"))
+    config = PROJECT.config(task="csv", init="many_function", steps=1, repair_attempts=0,
+                            task_options=_fast(data_dir=str(path), target="price", metric="mae",
+                                               id_column="row"))  # one unusable answer, no repair
     result = run_loop(config, tracking=None, cache_dir=None,
                       optimizer_llm=ScriptedLLM(["not json"]), export_dir=tmp_path / "export")
     spread = float(frame["price"].std())

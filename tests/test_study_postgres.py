@@ -104,7 +104,8 @@ def _scripts(tmp_path: Path) -> list[str]:
     ]))
     task = tmp_path / "task.json"
     task.write_text(json.dumps(["The answer is 7.", "The answer is 12.", "no idea"]))
-    return ["--optimizer-model", f"scripted:{optimizer}", "--task-model", f"scripted:{task}"]
+    return ["--optimizer-model", f"scripted:{optimizer}", "--task-model", f"scripted:{task}",
+            "--edit-format", "json", "--repair-attempts", "0"]  # one scripted answer per step
 
 
 def _worker(tmp_path: Path, postgres, study: str, experiment: str, *extra: str) -> subprocess.Popen:
