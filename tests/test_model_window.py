@@ -21,6 +21,8 @@ def test_a_context_too_long_for_the_window_is_shrunk_and_still_answered(tmp_path
         [sys.executable, "-m", "mlflow_genopt.cli", "run", "bbeh", "--task", "generated_arithmetic",
          "--steps", "3", "--batch-size", "3", "--acceptance", "always",
          "--optimizer-max-tokens", "128", "--optimizer-n-ctx", "1024",
+         # the window's arithmetic below was measured for one JSON answer per step
+         "--edit-format", "json", "--repair-attempts", "0",
          "--option", "train_size=6", "--option", "val_size=2", "--option", "test_size=2",
          "--option", "answer_max_tokens=16", "--tracking-uri", uri, "--experiment", "window",
          "--cache-dir", str(tmp_path / "cache")],
