@@ -225,6 +225,11 @@ def _block(text: str, name: str) -> str | None:
 REASONING_LINES = 4  # the grammar ends the reasoning after this many lines (small models ramble)
 REASONING_LINE_CHARS = 200
 PROMPT_LINE_CHARS = 160  # a prompt value's lines; at most 2 * length_limit / this many of them
+# GBNF rules shared by the tagged and diff grammars: the bounded reasoning block, and free
+# content lines (a line may not start with ``</``, which closes the block)
+_REASONING_RULES = (f"reasoning ::= rline{{1,{REASONING_LINES}}}",
+                    f'rline ::= [^<\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"')
+_FREE_BODY_RULES = ("body ::= line*", 'line ::= ( [^<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? )? "\\n"')
 
 
 def tagged_grammar(spec: ArtifactSpec) -> str:
@@ -245,10 +250,9 @@ def tagged_grammar(spec: ArtifactSpec) -> str:
     if any(p.kind == "prompt" for p in spec.trainable):
         rules.append(f'pline ::= ( [^<\\n] [^\\n]{{0,{PROMPT_LINE_CHARS}}} | "<" [^/\\n] '
                      f'[^\\n]{{0,{PROMPT_LINE_CHARS}}} )? "\\n"')
-    rules.append(f"reasoning ::= rline{{1,{REASONING_LINES}}}")
-    rules.append(f'rline ::= [^<\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"')
-    rules.append("body ::= line*")
-    rules.append('line ::= ( [^<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? )? "\\n"')
+    rules += _REASONING_RULES
+    if any(p.kind != "prompt" for p in spec.trainable):
+        rules += _FREE_BODY_RULES
     return "\n".join(rules) + "\n"
 
 
@@ -345,11 +349,8 @@ def diff_grammar(spec: ArtifactSpec) -> str:
     names = " | ".join(f'"{p.name}"' for p in spec.trainable)
     return "\n".join([
         'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" edit+',
-        f"reasoning ::= rline{{1,{REASONING_LINES}}}",
-        f'rline ::= [^<\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"',
+        *_REASONING_RULES,
         f'edit ::= "<<<<<<< SEARCH " ( {names} ) "\\n" dline* "=======\\n" dline* ">>>>>>> REPLACE\\n"',
-        "body ::= line*",
-        'line ::= ( [^<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? )? "\\n"',
         'dline ::= ( [^=>\\n] [^\\n]* | "=" [^=\\n] [^\\n]* | ">" [^>\\n] [^\\n]* )? "\\n"',
     ]) + "\n"
 

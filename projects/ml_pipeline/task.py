@@ -421,7 +421,7 @@ class TabularTask(FixedSplits):
         if not self.executor.remote:  # one sandbox process runs the whole group, as always
             predicted = sum(self._predicted(s) for s in scopes)
             units = [(source, calls, files, self._limits(len(calls), predicted), HARNESS_SOURCE)]
-            per_unit = len(calls)
+            per_unit = len(calls)  # trials sharing one sandbox process (and its time limit)
         else:  # one fold (or the val/test example) per unit; the files go to the workers once
             shared = self.executor.share(files)
             units = [(source, [call], shared, self._limits(1, self._predicted(scope)), HARNESS_SOURCE)
@@ -432,9 +432,8 @@ class TabularTask(FixedSplits):
             # its time per trial sets the adaptive limit (time_limits.py): locally the group's
             # wall time per trial; on a cluster, where units run side by side, the slowest
             # unit's own sandbox time
-            per_trial = ((time.monotonic() - started) / len(calls) if per_unit > 1 or not self.executor.remote
-                         else max(r.duration_s for r in results))
-            self.time_limit.observe(per_trial)
+            self.time_limit.observe(max(r.duration_s for r in results) if self.executor.remote
+                                    else (time.monotonic() - started) / len(calls))
         return [self._outcome(scope, result, per_unit) for scope, result in zip(scopes, results)]
 
     def _predicted(self, scope: _Scope) -> int:
