@@ -733,3 +733,17 @@ def test_smollm2_request_that_does_not_fit_its_window_is_prompt_too_long() -> No
                      max_tokens=64, seed=0)
     fits = llm.complete([{"role": "user", "content": "Say hi."}], max_tokens=8, seed=0)
     assert fits.text and fits.prompt_tokens + fits.completion_tokens < 256
+
+
+def test_embedded_models_use_the_physical_cores_this_process_may_use():
+    import os
+
+    import psutil
+
+    from mlflow_genopt.llm.llama_cpp import LlamaCppLLM, default_n_threads, locate_smollm2
+
+    usable = len(os.sched_getaffinity(0))
+    expected = max(usable * psutil.cpu_count(logical=False) // psutil.cpu_count(), 1)
+    assert default_n_threads() == expected
+    assert LlamaCppLLM(locate_smollm2()).n_threads == expected  # not llama-cpp-python's half
+    assert LlamaCppLLM(locate_smollm2(), n_threads=1).n_threads == 1  # an explicit count wins

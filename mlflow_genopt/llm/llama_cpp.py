@@ -54,6 +54,22 @@ def locate_smollm2() -> Path:
 
 
 @atexit.register
+def default_n_threads() -> int:
+    """The physical cores this process may use. llama-cpp-python's own default is half the
+    logical CPUs (it assumes two hyperthreads per core), which on a machine without SMT leaves
+    half the cores idle (``bench/bench_llm_threads.py`` measures both)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import psutil
+
+        logical, physical = psutil.cpu_count(), psutil.cpu_count(logical=False)
+    except Exception:  # psutil missing or unable to tell: assume no SMT
+        logical = physical = None
+    if logical and physical and usable:
+        usable = max(usable * physical // logical, 1)  # the same share of physical cores
+    return max(usable or 1, 1)
+
+
 def _close_all() -> None:
     # Free the models while llama_cpp's ctypes bindings still exist: left to garbage collection
     # at interpreter shutdown, Llama.__del__ runs after they are torn down and prints a
@@ -133,7 +149,7 @@ class LlamaCppLLM:
         self.model_path = path
         self.n_ctx = n_ctx
         self.trained_n_ctx = info.context_length
-        self.n_threads = n_threads
+        self.n_threads = n_threads or default_n_threads()
         self.model = model_name or path.stem
         self.broken_grammars: set[str] = set()
         self._grammars: dict[str, Any] = {}
