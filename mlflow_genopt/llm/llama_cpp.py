@@ -53,7 +53,6 @@ def locate_smollm2() -> Path:
     )
 
 
-@atexit.register
 def default_n_threads() -> int:
     """The physical cores this process may use. llama-cpp-python's own default is half the
     logical CPUs (it assumes two hyperthreads per core), which on a machine without SMT leaves
@@ -70,6 +69,7 @@ def default_n_threads() -> int:
     return max(usable or 1, 1)
 
 
+@atexit.register
 def _close_all() -> None:
     # Free the models while llama_cpp's ctypes bindings still exist: left to garbage collection
     # at interpreter shutdown, Llama.__del__ runs after they are torn down and prints a
