@@ -223,13 +223,21 @@ def _block(text: str, name: str) -> str | None:
 
 
 REASONING_LINES = 4  # the grammar ends the reasoning after this many lines (small models ramble)
+REASONING_FIRST_LINE_CHARS = 600  # a model that writes its reasoning as one paragraph finishes it
 REASONING_LINE_CHARS = 200
 PROMPT_LINE_CHARS = 160  # a prompt value's lines; at most 2 * length_limit / this many of them
+BLANK_RUN = 2  # at most this many blank lines in a row inside a free value
 # GBNF rules shared by the tagged and diff grammars: the bounded reasoning block, and free
-# content lines (a line may not start with ``</``, which closes the block)
-_REASONING_RULES = (f"reasoning ::= rline{{1,{REASONING_LINES}}}",
-                    f'rline ::= [^<\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"')
-_FREE_BODY_RULES = ("body ::= line*", 'line ::= ( [^<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? )? "\\n"')
+# content lines (a line may not start with ``</``, which closes the block). A line cut in the
+# middle of a sentence derailed Qwen2.5-Coder-1.5B (it went on by echoing the instructions), so
+# the first line may hold a whole paragraph. Blank (or whitespace-only) lines come in runs of at
+# most BLANK_RUN: the same model otherwise answered with 2,000 tokens of newlines.
+_REASONING_RULES = (
+    f'reasoning ::= [^<\\n] [^\\n]{{0,{REASONING_FIRST_LINE_CHARS}}} "\\n" '
+    f'rline{{0,{REASONING_LINES - 1}}}',
+    f'rline ::= [^<\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"')
+_FREE_BODY_RULES = (f'body ::= ( "\\n"{{0,{BLANK_RUN}}} line )* "\\n"{{0,{BLANK_RUN}}}',
+                    'line ::= [ \\t]* ( [^ \\t<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? ) "\\n"')
 
 
 def tagged_grammar(spec: ArtifactSpec) -> str:

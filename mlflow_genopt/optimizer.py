@@ -15,6 +15,8 @@ Nothing here runs or scores a candidate: that is the loop's job.
 
 from __future__ import annotations
 
+import re
+
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -28,7 +30,10 @@ from .llm.base import LLM, Completion, PromptTooLong
 from .proposals import InvalidProposal, strip_fences, validate_value
 from .task import Trial
 
-_REPAIR_ECHO_CHARS = 1500  # how much of a failed answer a repair request quotes back
+# How much of a failed answer a repair request quotes back. The quote is cut at a line boundary
+# and never marked inside the text: Qwen2.5-Coder-1.5B copied an inline "[...]" marker into its
+# repaired code, then ran away with blank lines. Runs of blank lines are collapsed first.
+_REPAIR_ECHO_CHARS = 6000
 
 
 @dataclass(frozen=True)
@@ -202,8 +207,13 @@ class Optimizer:
         return changed, answer.reasoning, tuple(repairs)
 
     def _repair_messages(self, raw: str, error: InvalidProposal) -> list[dict[str, str]]:
-        shown = raw if len(raw) <= _REPAIR_ECHO_CHARS else raw[:_REPAIR_ECHO_CHARS] + "\n[...]"
+        shown = re.sub(r"\n(?:[ \t]*\n){3,}", "\n\n\n", raw).rstrip()
         text = f"Your answer could not be used: {error}."
+        if len(shown) > _REPAIR_ECHO_CHARS:
+            cut = shown.rfind("\n", 0, _REPAIR_ECHO_CHARS)
+            shown = shown[:cut if cut > 0 else _REPAIR_ECHO_CHARS]
+            text += (f" (Your answer is quoted above up to line {shown.count(chr(10)) + 1} of "
+                     f"{raw.count(chr(10)) + 1}.)")
         if error.detail:
             text += f"\n{error.detail}"
         text += "\n" + self.format.repair_hint()

@@ -80,7 +80,9 @@ def test_every_format_asks_for_code_with_a_worked_example_and_constrains_the_llm
     assert '"<train_model>\\n"' in grammar and "root ::=" in grammar
     # the reasoning ends after a few lines, so a rambling model still reaches the value block
     assert 'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n"' in grammar
-    assert "reasoning ::= rline{1,4}" in grammar
+    assert "reasoning ::= [^<\\n] [^\\n]{0,600} \"\\n\" rline{0,3}" in grammar
+    # a free value has no runs of more than two blank lines (Qwen 1.5B emitted 2,000 newlines)
+    assert 'body ::= ( "\\n"{0,2} line )* "\\n"{0,2}' in grammar
     assert '"<<<<<<< SEARCH "' in DiffFormat().request(SPEC)["grammar"]
 
 
@@ -129,6 +131,27 @@ def test_an_invalid_answer_goes_back_with_its_reason_and_the_offending_lines():
     assert "could not be used: train_model: SyntaxError" in followup[2]["content"]
     assert ">    2 |     return (1" in followup[2]["content"]
     assert llm.calls[1]["grammar"] == llm.calls[0]["grammar"] is not None
+
+
+def test_a_long_invalid_answer_is_quoted_back_whole_lines_without_a_marker_to_copy():
+    # Qwen 1.5B copied an inline "[...]" clip marker into its repaired code, then emitted 2,000
+    # blank lines: the quote collapses blank runs and ends at a line boundary, unmarked
+    body = "\n".join(f"    x{i} = {i}" for i in range(600))
+    broken = (f"<reasoning>\nr\n</reasoning>\n<train_model>\ndef train_model(dataset):\n{body}"
+              "\n    return (1\n" + "\n" * 50 + "</train_model>")
+    llm = ScriptedLLM([broken, broken])
+    Optimizer(llm, edit_format="tagged", repair_attempts=1).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
+    quoted, request = llm.calls[1]["messages"][1]["content"], llm.calls[1]["messages"][2]["content"]
+    assert "[...]" not in quoted and "\n\n\n\n" not in quoted
+    assert broken.startswith(quoted) and broken[len(quoted)] == "\n"  # whole lines only
+    assert f"quoted above up to line {quoted.count(chr(10)) + 1} of {broken.count(chr(10)) + 1}" in request
+    short = "<reasoning>\nr\n</reasoning>\n<train_model>\n" + "\n" * 9 + "x = (\n</train_model>"
+    llm = ScriptedLLM([short, short])
+    Optimizer(llm, edit_format="tagged", repair_attempts=1).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
+    assert llm.calls[1]["messages"][1]["content"] == short.replace("\n" * 10, "\n" * 3)
+    assert "quoted above" not in llm.calls[1]["messages"][2]["content"]
 
 
 def test_an_answer_in_another_format_is_understood_and_the_repair_recorded():
