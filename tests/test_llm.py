@@ -695,6 +695,22 @@ def test_embedded_windows_of_the_real_models_come_from_their_headers() -> None:
 
 
 @pytest.mark.e2e
+def test_control_tokens_are_banned_from_answers_but_the_end_of_generation_is_not() -> None:
+    # a grammar sees <|fim_pad|> as a line starting with "<" and lets it through, and the answer
+    # text drops it: Qwen 1.5B filled 2,048 tokens of a code block with such tokens and newlines
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dependency: install the project")
+    from mlflow_genopt.llm.llama_cpp import _load, control_token_bans
+
+    llm = make_llm("smollm2?n_ctx=512")
+    llama, _ = _load(llm.model_path, llm.n_ctx, llm.n_threads)
+    banned = {llama.detokenize([t], special=True).decode() for t in control_token_bans(llama)}
+    assert "<|im_start|>" in banned and "<|im_end|>" not in banned  # im_end ends an answer
+    assert all(v == float("-inf") for v in control_token_bans(llama).values())
+    answer = llm.complete([{"role": "user", "content": "Say hi."}], max_tokens=16, seed=0)
+    assert answer.text and answer.finish_reason in ("stop", "length")
+
+
+@pytest.mark.e2e
 def test_smollm2_follows_a_grammar_and_survives_a_broken_one() -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dependency: install the project")
     from mlflow_genopt.artifact import ArtifactSpec, Parameter
@@ -710,7 +726,9 @@ def test_smollm2_follows_a_grammar_and_survives_a_broken_one() -> None:
     assert answer.text.startswith("<reasoning>\n")
     edit = llm.complete(messages, grammar=diff_grammar(spec), max_tokens=24, seed=0)
     assert edit.text.startswith("<reasoning>\n")
-    assert llm.broken_grammars == set()  # both edit formats' grammars compile
+    code = ArtifactSpec((Parameter("train_model", "code", "the pipeline"),))
+    llm.complete(messages, grammar=tagged_grammar(code), max_tokens=8, seed=0)
+    assert llm.broken_grammars == set()  # both edit formats' grammars compile, for code too
 
     broken = 'root ::= "a" missing_rule\n'
     free = llm.complete(messages, grammar=broken, max_tokens=16, seed=0)

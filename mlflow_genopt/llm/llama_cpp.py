@@ -81,6 +81,27 @@ def _close_all() -> None:
         _LOADED.clear()
 
 
+_CONTROL_BANS: dict[int, dict[int, float]] = {}  # id(Llama) -> logit bias banning its control tokens
+
+
+def control_token_bans(llama: Any) -> dict[int, float]:
+    """A logit bias that bans the model's control tokens other than end-of-generation ones
+    (``<|im_start|>``, ``<|fim_pad|>``, ...). They never belong in an answer, and the output
+    text drops them, so a model that falls into emitting them looks like one that emits only
+    newlines: a grammar sees their text (``<|fim_pad|>`` is a line that starts with ``<``) and
+    lets them through. Qwen2.5-Coder-1.5B did so for 2,048 tokens inside a grammar-constrained
+    code block. Computed once per loaded model."""
+    key = id(llama)
+    if key not in _CONTROL_BANS:
+        import llama_cpp
+
+        vocab = llama._model.vocab
+        _CONTROL_BANS[key] = {
+            t: float("-inf") for t in range(llama.n_vocab())
+            if llama_cpp.llama_vocab_is_control(vocab, t) and not llama_cpp.llama_vocab_is_eog(vocab, t)}
+    return _CONTROL_BANS[key]
+
+
 def _load(model_path: Path, n_ctx: int, n_threads: int | None) -> tuple[Any, threading.Lock]:
     key = (str(model_path.resolve()), n_ctx, n_threads)
     with _LOADING_LOCK:
@@ -191,6 +212,7 @@ class LlamaCppLLM:
                     temperature=temperature,
                     max_tokens=max_tokens,
                     seed=seed,
+                    logit_bias=control_token_bans(llama) or None,
                     **constraint,
                 )
             except ValueError as exc:
