@@ -10,7 +10,8 @@
   delimiters and leaves the content free (a content line may not start with ``</``).
 * ``diff``: SEARCH/REPLACE blocks applied to the current values (``<<<<<<< SEARCH name`` /
   ``=======`` / ``>>>>>>> REPLACE``): only the lines that change are written. Matching is exact
-  first, then ignoring trailing whitespace, then ignoring indentation; a block that matches
+  first, then ignoring trailing whitespace, then ignoring indentation (the replacement is then
+  shifted by the indentation the SEARCH lines missed); a block that matches
   nothing, or more than one place, is an invalid proposal whose reason quotes the nearest lines.
   An empty SEARCH part replaces the whole value.
 
@@ -331,6 +332,9 @@ def apply_edit(value: str, search: str, replacement: str, name: str, number: int
                 if [key(s) for s in lines[i:i + len(target)]] == target]
         if len(hits) == 1:
             i = hits[0]
+            have = _indent(lines[i:i + len(target)])
+            if key is str.strip and _indent(new) != have:  # written at the SEARCH's indentation
+                new = _reindent(new, _indent(wanted), have)
             trailing = "\n" if value.endswith("\n") else ""
             return "\n".join(lines[:i] + new + lines[i + len(target):]) + trailing
         if len(hits) > 1:
@@ -338,6 +342,22 @@ def apply_edit(value: str, search: str, replacement: str, name: str, number: int
                                   "lines so that it matches one")
     raise InvalidProposal(f"{name}: SEARCH block {number} matches nothing in the current value",
                           "the nearest lines of the current value:\n" + _nearest(lines, wanted))
+
+
+def _indent(lines: list[str]) -> str:
+    """The leading whitespace of the first non-blank line."""
+    first = next((line for line in lines if line.strip()), "")
+    return first[:len(first) - len(first.lstrip())]
+
+
+def _reindent(new: list[str], said: str, have: str) -> list[str]:
+    """Replacement lines moved from the SEARCH's indentation ``said`` to the matched lines'
+    ``have`` (relative indentation kept; a line indented less than ``said`` stays as written),
+    used when the replacement does not already start at ``have``:
+    Qwen 1.5B searched ``    model = ...`` for a line nested at 8 spaces, and its replacement at
+    4 spaces broke the ``if`` it belonged to."""
+    return [have + line[len(said):] if line.strip() and line.startswith(said) else line
+            for line in new]
 
 
 def _nearest(lines: list[str], wanted: list[str]) -> str:

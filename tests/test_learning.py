@@ -65,6 +65,13 @@ def test_diff_edits_apply_with_whitespace_tolerance_and_quote_the_nearest_lines_
     assert "matches nothing" in str(info.value) and "y = x + 1" in info.value.detail
     with pytest.raises(InvalidProposal, match="matches 2 places"):
         apply_edit("a\nb\na\n", "a\n", "c\n", "f", 1)
+    # a SEARCH indented less (or more) than the lines it matches: the replacement moves with it,
+    # relative indentation kept (Qwen 1.5B wrote 4 spaces for a line nested at 8 inside an if)
+    nested = "def f(x):\n    if x:\n        y = 1\n    return y\n"
+    shifted = apply_edit(nested, "    y = 1\n", "    y = 2\n    if y:\n        y = 3\n", "f", 1)
+    assert shifted == "def f(x):\n    if x:\n        y = 2\n        if y:\n            y = 3\n    return y\n"
+    assert apply_edit(nested, "y = 1\n", "y = 4\n", "f", 1).splitlines()[2] == "        y = 4"
+    assert apply_edit(nested, "            y = 1\n", "            y = 5\n", "f", 1).splitlines()[2] == "        y = 5"
     spec = ArtifactSpec((Parameter("f", "code", "f"),))
     raw = "<reasoning>\nadd two\n</reasoning>\n<<<<<<< SEARCH f\n    y = x + 1\n=======\n    y = x + 2\n>>>>>>> REPLACE\n"
     parsed = DiffFormat().parse(raw, spec, ArtifactVersion({"f": current}, 0))
