@@ -13,7 +13,8 @@
   first, then ignoring trailing whitespace, then ignoring indentation (the replacement is then
   shifted by the indentation the SEARCH lines missed); a block that matches
   nothing, or more than one place, is an invalid proposal whose reason quotes the nearest lines.
-  An empty SEARCH part replaces the whole value.
+  An empty SEARCH part replaces the whole value when parsing (the instructions do not offer it,
+  and the grammar does not allow it: weak models wrote one to mean "insert somewhere").
 
 Every format's instructions carry a worked example, ask for the complete source code of each
 function (never its description), and the answer is parsed into the new values of the trainable
@@ -288,8 +289,9 @@ class DiffFormat(EditFormat):
             "<<<<<<< SEARCH name\n(lines copied exactly from the current value)\n=======\n"
             "(the lines that replace them)\n>>>>>>> REPLACE\n"
             "The SEARCH lines must appear in the current value exactly once; copy enough lines "
-            "to be unique. An empty SEARCH part replaces the whole value. Write the new lines "
-            "themselves, not descriptions; no markdown fences.\n"
+            "to be unique. To add lines, SEARCH the line they follow and write it again, then "
+            "the new lines, in the REPLACE part. Write the new lines themselves, not "
+            "descriptions; no markdown fences.\n"
             f"Example, for a {example.kind} parameter named {example.name}:\n"
             f"<reasoning>\n{example.reasoning}\n</reasoning>\n<<<<<<< SEARCH {example.name}\n"
             f"{example.old_line}\n=======\n{example.new_line}\n>>>>>>> REPLACE"
@@ -373,12 +375,16 @@ def _nearest(lines: list[str], wanted: list[str]) -> str:
 
 def diff_grammar(spec: ArtifactSpec) -> str:
     """A GBNF grammar for ``diff`` answers: a reasoning block, then edit blocks whose header names
-    a trainable parameter (content lines may not start with ``=======`` or ``>>>>>>>``)."""
+    a trainable parameter and whose SEARCH part is not empty (content lines may not start with
+    ``=======`` or ``>>>>>>>``)."""
     names = " | ".join(f'"{p.name}"' for p in spec.trainable)
     return "\n".join([
         'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" edit+',
         *_REASONING_RULES,
-        f'edit ::= "<<<<<<< SEARCH " ( {names} ) "\\n" dline* "=======\\n" dline* ">>>>>>> REPLACE\\n"',
+        f'edit ::= "<<<<<<< SEARCH " ( {names} ) "\\n" sline dline* "=======\\n" dline* ">>>>>>> REPLACE\\n"',
+        # the SEARCH part starts with a line that has text: an empty one would replace the whole
+        # value, and Qwen 1.5B wrote empty SEARCH parts meaning "insert this line somewhere"
+        'sline ::= [ \\t]* ( [^ \\t=>\\n] [^\\n]* | "=" [^=\\n] [^\\n]* | ">" [^>\\n] [^\\n]* ) "\\n"',
         'dline ::= ( [^=>\\n] [^\\n]* | "=" [^=\\n] [^\\n]* | ">" [^>\\n] [^\\n]* )? "\\n"',
     ]) + "\n"
 
