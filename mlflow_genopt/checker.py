@@ -6,7 +6,8 @@ one line. It evaluates the starting version on a few examples of every split (tw
 determinism), an empty batch, and a deliberately broken version of every trainable code
 parameter (the broken code also tries to leave a mark in the caller's environment: generated
 code must never run in the loop's process); it round-trips the optional hooks
-(``state_dict``/``load_state_dict``, ``end_step``, ``trial_key``) and calls ``close`` twice.
+(``state_dict``/``load_state_dict``, ``end_step``, ``trial_key``), runs ``precheck`` on the
+starting and the broken version, and calls ``close`` twice.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def check_task(task: Any, starting: StartingArtifact | Mapping[str, str], *,
         report.checked.append("evaluate: deterministic on a repeat")
 
     if train:
-        _check_broken_code(spec, initial, train, steps, evaluate, report)
+        _check_broken_code(task, spec, initial, train, steps, evaluate, report)
     _check_hooks(task, initial, train, first.get("train"), steps, report)
     for attempt in (1, 2):
         try:
@@ -178,7 +179,7 @@ def _check_trials(trials: Any, examples: Sequence[Example], what: str, problem) 
     return trials
 
 
-def _check_broken_code(spec: ArtifactSpec, initial: ArtifactVersion, train: list[Example],
+def _check_broken_code(task: Any, spec: ArtifactSpec, initial: ArtifactVersion, train: list[Example],
                        steps: int | None, evaluate, report: TaskCheck) -> None:
     code = [p for p in spec.trainable if p.kind == "code"]
     if not code:
@@ -196,7 +197,31 @@ def _check_broken_code(spec: ArtifactSpec, initial: ArtifactVersion, train: list
         if trials is not None and all(t.error is None for t in trials):
             report.notes.append(f"a raising {parameter.name} gave no trial an error: check that "
                                 "failures are reported in Trial.error")
+        _check_precheck(task, initial, broken, parameter.name, report)
     report.checked.append("evaluate: a broken version of every trainable code parameter")
+
+
+def _check_precheck(task: Any, initial: ArtifactVersion, broken: ArtifactVersion, name: str,
+                    report: TaskCheck) -> None:
+    precheck = getattr(task, "precheck", None)
+    if not callable(precheck):
+        return
+    try:
+        works, fails = precheck(initial), precheck(broken)
+    except Exception as exc:  # noqa: BLE001 - a hook that raises is the finding
+        report.problems.append(f"precheck raised {type(exc).__name__}: {exc}; it must return None "
+                               "or the error as a string")
+        return
+    if os.environ.pop(_MARKER, None):
+        report.problems.append(f"precheck ran the generated code of {name} in the caller's "
+                               "process; it must run in a sandbox (mlflow_genopt.sandbox)")
+    if works is not None:
+        report.problems.append(f"precheck fails the starting version: {str(works).splitlines()[0]}")
+    if not (isinstance(fails, str) and fails.strip()):
+        report.problems.append(f"precheck passed a version whose {name} raises; it must return "
+                               "the error as a string")
+    if "precheck" not in report.checked:
+        report.checked.append("precheck")
 
 
 def _check_hooks(task: Any, initial: ArtifactVersion, train: list[Example],

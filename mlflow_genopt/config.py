@@ -102,6 +102,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "acceptance_margin": 0.0,
     "edit_format": "tagged",
     "repair_attempts": 2,
+    "precheck": True,
     "candidates_per_step": 1,
     "selection": "current",
     "revert_ratio": None,
@@ -160,7 +161,10 @@ class LoopConfig:
         escaping; an answer in another known format is still understood and the repair noted),
         ``json`` (complete values in one JSON object) or ``diff`` (SEARCH/REPLACE edits of the
         current values). ``repair_attempts`` (default 2): how often an invalid answer is sent
-        back with its reason before the candidate counts as invalid. ``candidates_per_step``: candidates drawn
+        back with its reason before the candidate counts as invalid. ``precheck`` (default
+        true): a candidate is first run by the task's cheap ``precheck`` hook (where it has
+        one, e.g. the ML pipeline on 200 rows) and a failure goes back as a repair with the
+        error, before any scoring. ``candidates_per_step``: candidates drawn
         per step; each valid one is scored on the batch and the best goes through acceptance.
         ``selection``: which adopted version a step improves: ``current`` (the latest), ``best``
         (best validation score) or ``pareto`` (drawn from the per-example Pareto frontier).
@@ -193,6 +197,7 @@ class LoopConfig:
     acceptance_margin: float = UNSET
     edit_format: str = UNSET
     repair_attempts: int = UNSET
+    precheck: bool = UNSET
     candidates_per_step: int = UNSET
     selection: str = UNSET
     revert_ratio: float | None = UNSET
@@ -246,6 +251,8 @@ class LoopConfig:
         set_("acceptance_margin", _float("acceptance_margin", self.acceptance_margin, 0, 1e12))
         set_("edit_format", _choice("edit_format", self.edit_format, EDIT_FORMATS))
         set_("repair_attempts", _int("repair_attempts", self.repair_attempts, 0))
+        if not isinstance(self.precheck, bool):
+            raise ConfigError(f"precheck: must be true or false, got {self.precheck!r}")
         set_("candidates_per_step", _int("candidates_per_step", self.candidates_per_step, 1))
         set_("selection", _choice("selection", self.selection, SELECTIONS))
         set_("revert_ratio", _float("revert_ratio", self.revert_ratio, 0, 1, optional=True))
@@ -452,6 +459,8 @@ def _parse_param(raw: str, type_name: str) -> Any:
         return int(raw)
     if type_name.startswith("float"):
         return float(raw)
+    if type_name == "bool":
+        return {"True": True, "False": False}.get(raw, raw)
     return raw
 
 

@@ -124,6 +124,8 @@ class LearningLoop:
         self._end_step = getattr(task, "end_step", None)
         self._state_dict = getattr(task, "state_dict", None)
         self._load_state_dict = getattr(task, "load_state_dict", None)
+        hook = getattr(task, "precheck", None)
+        self._precheck = hook if callable(hook) and config.precheck else None
 
     def _emit(self, method: str, *args) -> None:
         dispatch(self.callbacks, method, *args)
@@ -282,9 +284,13 @@ class LearningLoop:
                  for i in range(config.candidates_per_step)]
         known = {h: f"{v.version.version_id} ({v.status} at step {v.version.step})"
                  for h, v in state.known().items()}
+        precheck = None
+        if self._precheck is not None:
+            def precheck(values, hook=self._precheck, parent=parent, step=step):
+                return hook(parent.child(values, step))
         draft = self.optimizer.step(self.task.objective, self.spec, parent, trials,
                                     list(memory) if config.memory_size else [], seeds=seeds,
-                                    known=known)
+                                    known=known, precheck=precheck)
         context, proposals = draft.context, draft.proposals
 
         candidates: list[CandidateRecord] = []

@@ -19,7 +19,7 @@ import re
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from .artifact import ArtifactSpec, ArtifactVersion, content_hash
 from .config import LoopConfig
@@ -34,6 +34,9 @@ from .task import Trial
 # and never marked inside the text: Qwen2.5-Coder-1.5B copied an inline "[...]" marker into its
 # repaired code, then ran away with blank lines. Runs of blank lines are collapsed first.
 _REPAIR_ECHO_CHARS = 6000
+# A task's cheap run of a candidate's values: None when it works, else the error (first line)
+# and its detail (e.g. the traceback tail), which go back to the optimizer as a repair.
+Precheck = Callable[[Mapping[str, str]], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,13 @@ class Optimizer:
     # --- one update -------------------------------------------------------------------------
     def step(self, objective: str, spec: ArtifactSpec, current: ArtifactVersion,
              trials: Sequence[Trial], memory: Sequence[MemoryEntry], *, seeds: Sequence[int],
-             known: Mapping[str, str] = {}) -> Draft:
+             known: Mapping[str, str] = {}, precheck: Precheck | None = None) -> Draft:
         """One update: the context (shrunk as needed) and one proposal per seed. ``known`` maps
         the content hash of every version the loop has evaluated to a description."""
         for level in range(len(SHRINK_LEVELS)):
             context = self.build_context(objective, spec, current, trials, memory, level)
-            proposals = self.propose_candidates(context, spec, current, seeds=seeds, known=known)
+            proposals = self.propose_candidates(context, spec, current, seeds=seeds, known=known,
+                                                precheck=precheck)
             too_long = all(p.attempts and p.attempts[0].raw == "" and p.invalid_reason
                            and p.invalid_reason.startswith("learning context too long")
                            for p in proposals)
@@ -123,7 +127,8 @@ class Optimizer:
 
     def propose_candidates(self, context: Sequence[Mapping[str, str]], spec: ArtifactSpec,
                            current: ArtifactVersion, *, seeds: Sequence[int],
-                           known: Mapping[str, str] = {}) -> list[Proposal]:
+                           known: Mapping[str, str] = {},
+                           precheck: Precheck | None = None) -> list[Proposal]:
         """One proposal per seed, each repaired up to ``repair_attempts`` times. Rounds run the
         candidates' calls concurrently and check the answers in candidate order, so the result
         does not depend on which call finished first."""
@@ -145,7 +150,8 @@ class Optimizer:
                     continue
                 raw = completion.text
                 try:
-                    values, reasoning, repairs = self._check(raw, completion, spec, current, seen)
+                    values, reasoning, repairs = self._check(raw, completion, spec, current, seen,
+                                                             precheck)
                 except InvalidProposal as exc:
                     attempts[i].append(Attempt(raw, str(exc), tuple(followups[i]),
                                                completion.finish_reason, seed))
@@ -181,7 +187,7 @@ class Optimizer:
             return list(pool.map(call, requests, seeds))
 
     def _check(self, raw: str, completion: Completion, spec: ArtifactSpec,
-               current: ArtifactVersion, seen: Mapping[str, str]):
+               current: ArtifactVersion, seen: dict[str, str], precheck: Precheck | None = None):
         answer, fallback = parse_answer(self.format, raw, spec, current)
         if completion.finish_reason == "length":
             raise InvalidProposal(f"answer was cut at the token limit ({self.max_tokens} tokens) "
@@ -204,6 +210,12 @@ class Optimizer:
         if digest in seen:
             raise InvalidProposal(f"proposal is identical to {seen[digest]}, which was already "
                                   "evaluated; propose a different change")
+        if precheck is not None:
+            problem = precheck({**current.values, **changed})
+            if problem:
+                seen[digest] = "a proposal of this step that failed the quick run"
+                first, _, rest = problem.strip().partition("\n")
+                raise InvalidProposal(f"the new version fails a quick run: {first}", rest.strip())
         return changed, answer.reasoning, tuple(repairs)
 
     def _repair_messages(self, raw: str, error: InvalidProposal) -> list[dict[str, str]]:

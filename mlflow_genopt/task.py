@@ -156,6 +156,11 @@ class Task(Protocol):
       proposals made from it did not improve on it, with ``improvement_directions``).
     * ``fingerprint() -> str`` -- anything beyond the loop config that changes trials (data
       version, say); part of the evaluation-cache key.
+    * ``precheck(version) -> str | None`` -- a cheap run of a candidate before it is scored
+      (OpenEvolve's evaluation cascade): ``None`` when it works, else the error on its first
+      line and detail (a traceback tail) after it. A failure is sent back to the optimizer as a
+      repair instead of costing a scored trial (loop config ``precheck``, default true). It
+      must run generated code the way ``evaluate`` does (in the sandbox), never in-process.
     """
 
     name: str

@@ -29,7 +29,7 @@ def test_bbeh_passes_the_contract():
 def test_ml_pipeline_passes_the_contract():
     report = _check("ml_pipeline", task="breast-cancer", init="many_function",
                     task_options={"max_train_rows": 80, "n_folds": 2, "memory_mb": 2048})
-    assert report.ok, report
+    assert report.ok and "precheck" in report.checked, report
 
 
 @pytest.mark.parametrize("continue_episode", [False, True])
@@ -85,3 +85,23 @@ def test_nondeterminism_and_bad_splits_are_reported():
     report = check_task(task, {"prompt": "x"}, raise_on_problem=False)
     assert any("ids must be unique" in p for p in report.problems), report
     assert any("must be deterministic" in p for p in report.problems), report
+
+
+class LenientPrecheck(WordTask):
+    """Its precheck passes everything: a broken version would reach scoring unrepaired."""
+
+    spec = ArtifactSpec((Parameter("score", "code", "score(text) -> float"),))
+
+    def evaluate(self, version, examples, context=None):
+        return [Trial(e.id, e.input, "", 0.0, "ok") for e in examples]
+
+    def precheck(self, version):
+        return None
+
+
+def test_a_precheck_that_passes_a_raising_version_is_named():
+    task = LenientPrecheck()
+    with pytest.raises(TaskContractError, match="precheck passed a version whose score raises"):
+        check_task(task, {"score": "def score(text):\n    return 1.0\n"})
+    report = check_task(task, {"score": "def score(text):\n    return 1.0\n"}, raise_on_problem=False)
+    assert any(p.startswith("precheck passed a version whose score raises") for p in report.problems), report

@@ -446,7 +446,8 @@ def test_misbehaving_training_code_is_contained_and_the_loop_finishes(monkeypatc
                              _answer("hog", train_model=ALLOCATES_50_GB),
                              _answer("snoop", train_model=SNOOPS),
                              _answer("raise", train_model=RAISING)])
-    config = PROJECT.config(task="spaceship-titanic", steps=4, batch_size=1, task_options=_fast(
+    # precheck off: the scored path itself must contain them (the quick run is tested below)
+    config = PROJECT.config(task="spaceship-titanic", steps=4, batch_size=1, precheck=False, task_options=_fast(
         data_dir=str(DATA_DIRS["spaceship-titanic"]), max_train_rows=300, timeout_s=60,
         timeout_factor=3, timeout_floor_s=8, memory_mb=2048))  # the limit follows the machine's speed
     result = run_loop(config, tracking=None, cache_dir=None, optimizer_llm=optimizer, export_dir=tmp_path / "export")
@@ -464,6 +465,35 @@ def test_misbehaving_training_code_is_contained_and_the_loop_finishes(monkeypatc
     # the current version's feedback counts the failed proposals made from it
     assert "proposal(s) made from this version did not improve" in result.steps[-1].trials[0].feedback
     assert result.test_score > 0.6 and (Path(result.export_dir) / "submission.csv").is_file()
+
+
+MISSING_IMPORT = SCALED_LOGISTIC_ONE.replace("    from sklearn.linear_model import LogisticRegression\n", "")
+
+
+def test_a_crashing_candidate_goes_back_as_a_repair_with_its_traceback_and_is_never_scored(tmp_path):
+    task = PROJECT.build_task(PROJECT.config(task="breast-cancer", task_options=_fast()))
+    start = ArtifactVersion(dict(STARTING_ARTIFACTS["one_function"].values), 0)
+    assert task.precheck(start) is None
+    problem = task.precheck(ArtifactVersion({"train_model": MISSING_IMPORT}, 1, parent_id="v0"))
+    assert problem.splitlines()[0] == "NameError: name 'LogisticRegression' is not defined"
+    assert "LogisticRegression(max_iter" in problem  # the offending line, from the traceback
+
+    optimizer = ScriptedLLM([_answer("drop", train_model=MISSING_IMPORT),
+                             _answer("fixed", train_model=SCALED_LOGISTIC_ONE)])
+    config = PROJECT.config(task="breast-cancer", steps=1, acceptance="always", edit_format="json",
+                            task_options=_fast())
+    result = run_loop(config, tracking=None, cache_dir=None, optimizer_llm=optimizer,
+                      export_dir=tmp_path / "export")
+    [candidate] = result.steps[0].candidates
+    first, repaired = candidate.attempts
+    assert first.invalid_reason.startswith("the new version fails a quick run: NameError: name "
+                                           "'LogisticRegression' is not defined")
+    assert repaired.invalid_reason is None and candidate.valid and not candidate.first_try_valid
+    followup = optimizer.calls[1]["messages"][-1]["content"]
+    assert "fails a quick run: NameError" in followup and "LogisticRegression(max_iter" in followup
+    assert result.versions[-1].status == "accepted" and result.versions[-1].val_score > 0.88
+    # scored trials: the starting version's and the repaired candidate's only
+    assert all(t.error is None for t in result.steps[0].candidate_trials)
 
 
 @needs_data

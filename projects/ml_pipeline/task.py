@@ -140,6 +140,8 @@ OPTIONS = (
     TaskOption("improvement_feedback", "bool", True, "compare each version with its parent"),
 )
 
+PRECHECK_FIT_ROWS, PRECHECK_SCORED_ROWS = 240, 60  # the sample a candidate's quick run uses
+
 
 @dataclass(frozen=True)
 class _Scope:
@@ -357,6 +359,26 @@ class TabularTask(FixedSplits):
 
     def close(self) -> None:
         pass
+
+    def precheck(self, version: ArtifactVersion) -> str | None:
+        """Run ``version`` on a small sample of training rows (fit on
+        :data:`PRECHECK_FIT_ROWS`, predict :data:`PRECHECK_SCORED_ROWS`) in the sandbox: ``None``
+        when it trains and predicts usable values, else the error and its traceback tail. A
+        pipeline that crashes (a missing import, a wrong column name) costs a repair round of
+        the optimizer, not a scored trial."""
+        rows = _union(self._scopes["fold-1"])[: PRECHECK_FIT_ROWS + PRECHECK_SCORED_ROWS]
+        scored = max(1, min(PRECHECK_SCORED_ROWS, len(rows) // 5))  # a small table: a fifth
+        scope = _Scope("cv", rows[:-scored], rows[-scored:])
+        files, where = self._group_files(scope)
+        job = self._job(version, **where)
+        job["holdout_rows"] = np.searchsorted(_union(scope), scope.score_rows).tolist()
+        (result,) = run_trials(self.module_source(version), [([job], {})], files,
+                               self._limits(1, scored), HARNESS_SOURCE)
+        outcome = self._outcome(scope, result)
+        if outcome.error is None:
+            return None
+        detail = _tail(_without_harness_frames(outcome.traceback), 8, 900) if outcome.traceback else ""
+        return f"{outcome.error}\n{detail}".strip()
 
     # --- the time limit: the task's state ---------------------------------------------------
     def trial_key(self, example: Example, context: EvalContext | None = None) -> str | None:
