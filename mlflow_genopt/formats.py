@@ -373,13 +373,16 @@ def _nearest(lines: list[str], wanted: list[str]) -> str:
     return "\n".join(lines[where:where + size])
 
 
+MAX_EDIT_BLOCKS = 8  # Qwen 1.5B otherwise repeated one edit block until the token limit
+
+
 def diff_grammar(spec: ArtifactSpec) -> str:
     """A GBNF grammar for ``diff`` answers: a reasoning block, then edit blocks whose header names
-    a trainable parameter and whose SEARCH part is not empty (content lines may not start with
-    ``=======`` or ``>>>>>>>``)."""
+    a trainable parameter and whose SEARCH part is not empty, at most :data:`MAX_EDIT_BLOCKS` of
+    them (content lines may not start with ``=======`` or ``>>>>>>>``)."""
     names = " | ".join(f'"{p.name}"' for p in spec.trainable)
     return "\n".join([
-        'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" edit+',
+        f'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" edit{{1,{MAX_EDIT_BLOCKS}}}',
         *_REASONING_RULES,
         f'edit ::= "<<<<<<< SEARCH " ( {names} ) "\\n" sline dline* "=======\\n" dline* ">>>>>>> REPLACE\\n"',
         # the SEARCH part starts with a line that has text: an empty one would replace the whole

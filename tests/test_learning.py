@@ -90,7 +90,9 @@ def test_every_format_asks_for_code_with_a_worked_example_and_constrains_the_llm
     assert "reasoning ::= [^<\\n] [^\\n]{0,600} \"\\n\" rline{0,3}" in grammar
     # a free value has no runs of more than two blank lines (Qwen 1.5B emitted 2,000 newlines)
     assert 'body ::= ( "\\n"{0,2} line )* "\\n"{0,2}' in grammar
-    assert '"<<<<<<< SEARCH "' in DiffFormat().request(SPEC)["grammar"]
+    diff = DiffFormat().request(SPEC)["grammar"]
+    assert '"<<<<<<< SEARCH "' in diff and "edit{1,8}" in diff  # one block repeated to the limit
+    assert '"\\n" sline dline* "=======' in diff  # the SEARCH part is never empty
 
 
 def test_a_prompt_only_artifact_gets_a_prompt_example_with_its_own_placeholders_only():
