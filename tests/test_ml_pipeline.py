@@ -475,7 +475,9 @@ def test_a_crashing_candidate_goes_back_as_a_repair_with_its_traceback_and_is_ne
     start = ArtifactVersion(dict(STARTING_ARTIFACTS["one_function"].values), 0)
     assert task.precheck(start) is None
     problem = task.precheck(ArtifactVersion({"train_model": MISSING_IMPORT}, 1, parent_id="v0"))
-    assert problem.splitlines()[0] == "NameError: name 'LogisticRegression' is not defined"
+    assert problem.splitlines()[0] == (
+        "NameError: name 'LogisticRegression' is not defined (it is installed: add "
+        "`from sklearn.linear_model import LogisticRegression` inside the function that uses it)")
     assert "LogisticRegression(max_iter" in problem  # the offending line, from the traceback
 
     optimizer = ScriptedLLM([_answer("drop", train_model=MISSING_IMPORT),

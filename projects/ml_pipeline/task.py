@@ -67,8 +67,10 @@ code.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -470,7 +472,7 @@ class TabularTask(FixedSplits):
         if not result.ok and (result.error or "").startswith("timeout after"):
             return _Outcome(self.floor, error=self.time_limit.exceeded(n_calls, TIME_ADVICE))
         if not result.ok:
-            return _Outcome(self.floor, error=result.error or "failed",
+            return _Outcome(self.floor, error=import_hint(result.error or "failed"),
                             traceback=result.traceback_tail or _tail(result.stderr_tail, 8))
         value = result.value if isinstance(result.value, dict) else {}
         predictions = value.get("predictions")
@@ -641,6 +643,40 @@ def _copy_written_tree(scratch: Path, relative: Path, destination: Path) -> list
                     open(target / name, "wb") as dst:
                 shutil.copyfileobj(src, dst)
     return skipped
+
+
+_IMPORTABLE = {"pd": "import pandas as pd", "np": "import numpy as np",
+               "xgb": "import xgboost as xgb", "XGBClassifier": "from xgboost import XGBClassifier",
+               "XGBRegressor": "from xgboost import XGBRegressor",
+               "make_pipeline": "from sklearn.pipeline import make_pipeline",
+               "make_column_transformer": "from sklearn.compose import make_column_transformer",
+               "cross_val_score": "from sklearn.model_selection import cross_val_score",
+               "train_test_split": "from sklearn.model_selection import train_test_split"}
+
+
+@functools.lru_cache(maxsize=1)
+def _sklearn_names() -> dict[str, str]:
+    from sklearn.utils import all_estimators
+
+    names = {}
+    for name, cls in all_estimators():
+        public = ".".join(p for p in cls.__module__.split(".") if not p.startswith("_"))
+        names[name] = f"from {public} import {name}"
+    return names
+
+
+def import_hint(error: str) -> str:
+    """``error`` with the import to add when it is a ``NameError`` for a name this environment
+    can import (pandas, numpy, xgboost, any scikit-learn estimator): Qwen 1.5B, told only that
+    ``XGBClassifier`` is not defined, concluded that xgboost was not installed and reverted."""
+    match = re.match(r"NameError: name '(\w+)' is not defined", error)
+    if not match:
+        return error
+    name = match.group(1)
+    line = _IMPORTABLE.get(name) or _sklearn_names().get(name)
+    if line is None:
+        return error
+    return f"{error} (it is installed: add `{line}` inside the function that uses it)"
 
 
 def _union(scope: _Scope) -> np.ndarray:
