@@ -36,6 +36,7 @@ from .task import Trial
 _REPAIR_ECHO_CHARS = 6000
 # A task's cheap run of a candidate's values: None when it works, else the error (first line)
 # and its detail (e.g. the traceback tail), which go back to the optimizer as a repair.
+_FAILED_QUICK_RUN = "a proposal of this step that failed the quick run (precheck)"
 Precheck = Callable[[Mapping[str, str]], "str | None"]
 
 
@@ -207,13 +208,16 @@ class Optimizer:
                                       + ", ".join(p.name for p in spec.trainable))
             raise InvalidProposal(f"proposal is identical to the current version {current.version_id}")
         digest = content_hash({**current.values, **changed})
+        if seen.get(digest) == _FAILED_QUICK_RUN:
+            raise InvalidProposal(f"proposal is identical to {_FAILED_QUICK_RUN}; propose a "
+                                  "different change")
         if digest in seen:
             raise InvalidProposal(f"proposal is identical to {seen[digest]}, which was already "
                                   "evaluated; propose a different change")
         if precheck is not None:
             problem = precheck({**current.values, **changed})
             if problem:
-                seen[digest] = "a proposal of this step that failed the quick run"
+                seen[digest] = _FAILED_QUICK_RUN
                 first, _, rest = problem.strip().partition("\n")
                 raise InvalidProposal(f"the new version fails a quick run: {first}", rest.strip())
         return changed, answer.reasoning, tuple(repairs)

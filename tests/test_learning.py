@@ -163,6 +163,26 @@ def test_a_long_invalid_answer_is_quoted_back_whole_lines_without_a_marker_to_co
     assert "quoted above" not in llm.calls[1]["messages"][2]["content"]
 
 
+def test_a_candidate_failing_the_precheck_is_repaired_with_the_error_and_not_re_run():
+    def answer(body):
+        return f"<reasoning>\nr\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    {body}\n</train_model>"
+    runs = []
+
+    def precheck(values):
+        runs.append(values["train_model"])
+        return "NameError: name 'xgb' is not defined\n  line 2: return xgb" if "xgb" in values["train_model"] else None
+
+    llm = ScriptedLLM([answer("return xgb"), answer("return xgb"), answer("return 7")])
+    [proposal] = Optimizer(llm, edit_format="tagged", repair_attempts=2).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0], precheck=precheck)
+    assert [a.invalid_reason for a in proposal.attempts] == [
+        "the new version fails a quick run: NameError: name 'xgb' is not defined",
+        "proposal is identical to a proposal of this step that failed the quick run (precheck); "
+        "propose a different change", None]
+    assert "line 2: return xgb" in llm.calls[1]["messages"][-1]["content"]  # the detail goes back
+    assert len(runs) == 2 and proposal.values["train_model"].endswith("return 7")  # not re-run
+
+
 def test_an_answer_in_another_format_is_understood_and_the_repair_recorded():
     as_json = json.dumps({"reasoning": "r", "train_model": "def train_model(dataset):\n    return 4\n"})
     optimizer = Optimizer(ScriptedLLM([as_json]), edit_format="tagged", repair_attempts=0)
