@@ -377,7 +377,9 @@ def loop_config(project: str, steps: int, init: str | None = None):
                           task_options={"train_size": 4, "val_size": 2, "test_size": 2,
                                         "extract_timeout_s": 2})
     if project == "ml_pipeline":
-        return LoopConfig(task="breast-cancer", **common,
+        # precheck off: every attack is one scored step, as the catalogue counts them (the
+        # precheck runs the same code through the same sandbox, tested in test_ml_pipeline)
+        return LoopConfig(task="breast-cancer", precheck=False, **common,
                           task_options={"max_train_rows": 60, "n_folds": 2, "timeout_s": 30,
                                         "memory_mb": 1024})
     return LoopConfig(task="Pong", credit_horizon=5, **common,
