@@ -227,8 +227,9 @@ def test_scripted_loop_on_mlagentbench_data_writes_submission_and_model(tmp_path
     optimizer = ScriptedLLM([_answer("a better model", **improved),
                              _answer("break it", train_model=RAISING)])
     rows = 600 if task_name == "spaceship-titanic" else 400
+    # precheck off: the raising version is scored (its error reaches the feedback and MLflow)
     config = PROJECT.config(task=task_name, init=init, steps=2, batch_size=1, acceptance="always",
-                            trainable=frozen,
+                            trainable=frozen, precheck=False,
                             task_options=_fast(data_dir=str(DATA_DIRS[task_name]), max_train_rows=rows))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = run_loop(config, tracking=uri, experiment="ml", cache_dir=None, optimizer_llm=optimizer,

@@ -70,7 +70,8 @@ def test_a_hanging_proposal_is_cut_at_the_adaptive_limit_and_told_so(monkeypatch
 
     monkeypatch.setattr(ml_task, "run_function", observed)
     maximum = 300.0
-    config = PROJECT.config(task="breast-cancer", steps=1, batch_size=2, task_options={
+    # precheck off: the hang must be cut on the scored path, where the limit is measured
+    config = PROJECT.config(task="breast-cancer", steps=1, batch_size=2, precheck=False, task_options={
         "n_folds": 2, "timeout_s": maximum, "timeout_factor": 2, "timeout_floor_s": 1})
     answer = json.dumps({"reasoning": "spin", "train_model": HANGS})
     result = run_loop(config, tracking=None, cache_dir=None, optimizer_llm=ScriptedLLM([answer]))
