@@ -34,9 +34,12 @@ from .task import Trial
 # and never marked inside the text: Qwen2.5-Coder-1.5B copied an inline "[...]" marker into its
 # repaired code, then ran away with blank lines. Runs of blank lines are collapsed first.
 _REPAIR_ECHO_CHARS = 6000
+# ``seen`` maps a content hash to what the proposal would repeat (its description ends the
+# refusal's "proposal is identical to ..."); known versions are described by the loop.
+_EVALUATED = ", which was already evaluated"
+_FAILED_QUICK_RUN = "a proposal of this step that failed the quick run (precheck)"
 # A task's cheap run of a candidate's values: None when it works, else the error (first line)
 # and its detail (e.g. the traceback tail), which go back to the optimizer as a repair.
-_FAILED_QUICK_RUN = "a proposal of this step that failed the quick run (precheck)"
 Precheck = Callable[[Mapping[str, str]], "str | None"]
 
 
@@ -133,7 +136,7 @@ class Optimizer:
         """One proposal per seed, each repaired up to ``repair_attempts`` times. Rounds run the
         candidates' calls concurrently and check the answers in candidate order, so the result
         does not depend on which call finished first."""
-        seen = dict(known)
+        seen = {digest: what + _EVALUATED for digest, what in known.items()}
         attempts: list[list[Attempt]] = [[] for _ in seeds]
         followups: list[list[dict[str, str]]] = [[] for _ in seeds]
         done: list[Proposal | None] = [None] * len(seeds)
@@ -162,7 +165,8 @@ class Optimizer:
                         followups[i] = followups[i] + self._repair_messages(raw, exc)
                     continue
                 attempts[i].append(Attempt(raw, None, tuple(followups[i]), completion.finish_reason, seed))
-                seen[content_hash({**current.values, **values})] = f"candidate {i} of this step"
+                seen[content_hash({**current.values, **values})] = (f"candidate {i} of this step"
+                                                                    + _EVALUATED)
                 done[i] = Proposal(raw, values, reasoning, None, completion, tuple(attempts[i]), repairs)
         return [p for p in done if p is not None]
 
@@ -208,12 +212,8 @@ class Optimizer:
                                       + ", ".join(p.name for p in spec.trainable))
             raise InvalidProposal(f"proposal is identical to the current version {current.version_id}")
         digest = content_hash({**current.values, **changed})
-        if seen.get(digest) == _FAILED_QUICK_RUN:
-            raise InvalidProposal(f"proposal is identical to {_FAILED_QUICK_RUN}; propose a "
-                                  "different change")
         if digest in seen:
-            raise InvalidProposal(f"proposal is identical to {seen[digest]}, which was already "
-                                  "evaluated; propose a different change")
+            raise InvalidProposal(f"proposal is identical to {seen[digest]}; propose a different change")
         if precheck is not None:
             problem = precheck({**current.values, **changed})
             if problem:
