@@ -11,8 +11,10 @@
 * ``diff``: SEARCH/REPLACE blocks applied to the current values (``<<<<<<< SEARCH name`` /
   ``=======`` / ``>>>>>>> REPLACE``): only the lines that change are written. Matching is exact
   first, then ignoring trailing whitespace, then ignoring indentation (the replacement is then
-  shifted by the indentation the SEARCH lines missed); a block that matches
-  nothing, or more than one place, is an invalid proposal whose reason quotes the nearest lines.
+  shifted by the indentation the SEARCH lines missed), then approximately (the one place whose
+  lines are at least :data:`FUZZY_RATIO` similar); a block whose lines are in another trainable
+  parameter than the one it names edits that one. A block that matches nothing, or more than
+  one place, is an invalid proposal whose reason quotes the nearest lines.
   An empty SEARCH part replaces the whole value when parsing (the instructions do not offer it,
   and the grammar does not allow it: weak models wrote one to mean "insert somewhere").
 
@@ -314,15 +316,31 @@ class DiffFormat(EditFormat):
                     f"edit block {number} names {block.group('name') or 'no parameter'}; edit one of "
                     f"{', '.join(sorted(trainable))}")
             search, replacement = block.group("search"), block.group("replace")
-            values[name] = apply_edit(values[name], search, replacement, name, number)
+            try:  # exact matches first, in the named parameter, then in another one
+                values[name] = apply_edit(values[name], search, replacement, name, number,
+                                          fuzzy=False)
+            except InvalidProposal:
+                name = _owner(values, search, name) or name
+                values[name] = apply_edit(values[name], search, replacement, name, number)
             edited.add(name)
         reasoning = _block(text, "reasoning") or ""
         return Answer({name: values[name] for name in edited}, reasoning.strip()[:REASONING_CHARS])
 
 
-def apply_edit(value: str, search: str, replacement: str, name: str, number: int) -> str:
+def _owner(values: Mapping[str, str], search: str, named: str) -> str | None:
+    """The one other parameter whose value holds the SEARCH lines exactly (ignoring
+    indentation): Qwen 1.5B named ``preprocess`` for lines of ``train_model``."""
+    wanted = [s.strip() for s in search.rstrip("\n").splitlines()]
+    owners = [name for name, value in values.items() if name != named and any(
+        [s.strip() for s in value.splitlines()[i:i + len(wanted)]] == wanted
+        for i in range(len(value.splitlines()) - len(wanted) + 1))]
+    return owners[0] if len(owners) == 1 else None
+
+
+def apply_edit(value: str, search: str, replacement: str, name: str, number: int,
+               fuzzy: bool = True) -> str:
     """``value`` with the lines ``search`` replaced by ``replacement`` (see the module docstring
-    for the matching rules)."""
+    for the matching rules; ``fuzzy=False`` leaves out the approximate one)."""
     if not search.strip():
         return replacement.rstrip("\n")
     lines = value.splitlines()
@@ -342,8 +360,38 @@ def apply_edit(value: str, search: str, replacement: str, name: str, number: int
         if len(hits) > 1:
             raise InvalidProposal(f"{name}: SEARCH block {number} matches {len(hits)} places; copy more "
                                   "lines so that it matches one")
+    near, ratio, unique = _fuzzy(lines, wanted) if fuzzy else (0, 0.0, False)
+    if ratio >= FUZZY_RATIO and unique:  # a near-copy of one place: the lines it meant
+        have = _indent(lines[near:near + len(wanted)])
+        if _indent(new) != have:
+            new = _reindent(new, _indent(wanted), have)
+        trailing = "\n" if value.endswith("\n") else ""
+        return "\n".join(lines[:near] + new + lines[near + len(wanted):]) + trailing
     raise InvalidProposal(f"{name}: SEARCH block {number} matches nothing in the current value",
                           "the nearest lines of the current value:\n" + _nearest(lines, wanted))
+
+
+# A SEARCH part that matches nothing exactly is applied to the one place whose lines (stripped)
+# are at least this similar (difflib ratio), when no other place away from it comes as close:
+# Qwen2.5-Coder-1.5B copied lines with a changed argument or a dropped comment, and each such
+# block was an invalid proposal. Far edits (ratio 0.78 for ``z = x - 1`` vs ``y = x + 1``) still
+# fail with the nearest lines quoted.
+FUZZY_RATIO = 0.88
+FUZZY_MIN_CHARS = 12  # a shorter SEARCH (``return x``) is too little to match approximately
+
+
+def _fuzzy(lines: list[str], wanted: list[str]) -> tuple[int, float, bool]:
+    """The window of ``len(wanted)`` lines most similar to ``wanted`` (stripped lines), its
+    ratio, and whether it is the only window at that similarity (windows overlapping it aside)."""
+    needle = "\n".join(s.strip() for s in wanted)
+    size = len(wanted)
+    if len(needle.replace("\n", "")) < FUZZY_MIN_CHARS or size > len(lines):
+        return 0, 0.0, False
+    ratios = [difflib.SequenceMatcher(None, needle, "\n".join(
+        s.strip() for s in lines[i:i + size])).ratio() for i in range(len(lines) - size + 1)]
+    best = max(range(len(ratios)), key=ratios.__getitem__)
+    rivals = [r for i, r in enumerate(ratios) if abs(i - best) >= size and r >= FUZZY_RATIO]
+    return best, ratios[best], not rivals
 
 
 def _indent(lines: list[str]) -> str:

@@ -78,6 +78,28 @@ def test_diff_edits_apply_with_whitespace_tolerance_and_quote_the_nearest_lines_
     assert parsed.values == {"f": "def f(x):\n    y = x + 2\n    return y\n"} and parsed.reasoning == "add two"
 
 
+def test_diff_edits_apply_to_a_near_copy_of_one_place_and_to_the_function_that_holds_the_lines():
+    current = ("def train(X, y):\n    model = RandomForestClassifier(n_estimators=100)\n"
+               "    model.fit(X, y)\n    return model\n")
+    # a SEARCH line with a changed argument (Qwen 1.5B copied from memory, not from the value)
+    edited = apply_edit(current, "model = RandomForestClassifier(n_estimators=10)\n",
+                        "model = RandomForestClassifier(n_estimators=300)\n", "train", 1)
+    assert edited.splitlines()[1] == "    model = RandomForestClassifier(n_estimators=300)"
+    # two places equally near: refused, as is a short SEARCH that is only approximately there
+    twice = "a_long_name = compute(1)\nb = 2\na_long_name = compute(2)\n"
+    with pytest.raises(InvalidProposal, match="matches nothing"):
+        apply_edit(twice, "a_long_name = compute(3)\n", "x = 0\n", "f", 1)
+    with pytest.raises(InvalidProposal, match="matches nothing"):
+        apply_edit("return x\n", "return y\n", "return z\n", "f", 1)
+    # a block naming preprocess whose lines are in train: applied to train
+    spec = ArtifactSpec((Parameter("preprocess", "code", "p"), Parameter("train", "code", "t")))
+    version = ArtifactVersion({"preprocess": "def preprocess(df):\n    return df\n", "train": current}, 0)
+    raw = ("<reasoning>\nmore trees\n</reasoning>\n<<<<<<< SEARCH preprocess\n    model.fit(X, y)\n"
+           "=======\n    model.fit(X.fillna(0), y)\n>>>>>>> REPLACE\n")
+    parsed = DiffFormat().parse(raw, spec, version)
+    assert list(parsed.values) == ["train"] and "model.fit(X.fillna(0), y)" in parsed.values["train"]
+
+
 def test_every_format_asks_for_code_with_a_worked_example_and_constrains_the_llm():
     for fmt in (JsonFormat(), TaggedFormat(), DiffFormat()):
         text = fmt.instructions(SPEC)
