@@ -234,12 +234,14 @@ BLANK_RUN = 2  # at most this many blank lines in a row inside a free value
 # GBNF rules shared by the tagged and diff grammars: the bounded reasoning block, and free
 # content lines (a line may not start with ``</``, which closes the block). A line cut in the
 # middle of a sentence derailed Qwen2.5-Coder-1.5B (it went on by echoing the instructions), so
-# the first line may hold a whole paragraph. Blank (or whitespace-only) lines come in runs of at
+# the first line may hold a whole paragraph. A reasoning line may not start like an edit
+# block or a fence (``>>>>>>>``, ``=======``, a backtick): Qwen 1.5B went on from its reasoning
+# with ``>>>>>>> REPLACE`` and a fenced function before it closed the block. Blank (or whitespace-only) lines come in runs of at
 # most BLANK_RUN: the same model otherwise answered with 2,000 tokens of newlines.
 _REASONING_RULES = (
-    f'reasoning ::= [^<\\n] [^\\n]{{0,{REASONING_FIRST_LINE_CHARS}}} "\\n" '
+    f'reasoning ::= [^<>=`\\n] [^\\n]{{0,{REASONING_FIRST_LINE_CHARS}}} "\\n" '
     f'rline{{0,{REASONING_LINES - 1}}}',
-    f'rline ::= [^<\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"')
+    f'rline ::= [^<>=`\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"')
 _FREE_BODY_RULES = (f'body ::= ( "\\n"{{0,{BLANK_RUN}}} line )* "\\n"{{0,{BLANK_RUN}}}',
                     'line ::= [ \\t]* ( [^ \\t<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? ) "\\n"')
 
