@@ -100,6 +100,15 @@ def parse_cell(cell: str) -> dict:
             "repair_attempts": int(repair[1:])}
 
 
+def code_version() -> str:
+    """The commit the benchmark runs (``+`` when the working tree differs): rows of one table can
+    come from several sessions, and the code they measured is part of the result."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    return commit + ("+" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
+
+
 def done_keys() -> set[str]:
     if not RESULTS.exists():
         return set()
@@ -198,7 +207,7 @@ def table() -> str:
         groups.setdefault((row["study"], row["model"], row["cell"]), []).append(row)
     head = (f"{'study':28} {'model':8} {'cell':22} {'seeds':>5} {'1st-valid':>9} "
             f"{'valid':>6} {'accepted':>8} {'gain>0':>6} {'val gain':>8} {'test':>6} "
-            f"{'opt calls':>9} {'task calls':>10} {'wall s':>7}")
+            f"{'opt calls':>9} {'task calls':>10} {'wall s':>7}  code")
     lines = [head, "-" * len(head)]
     for (study, model, cell), group in sorted(groups.items()):
         cands = sum(r.get("candidates", 0) for r in group)
@@ -211,7 +220,8 @@ def table() -> str:
             f"{_mean(gains):>8} {_mean(r.get('test') for r in group):>6} "
             f"{_mean(r.get('optimizer_calls') for r in group):>9} "
             f"{_mean(r.get('task_calls', r.get('llm_calls')) for r in group):>10} "
-            f"{_mean(r.get('wall_s') for r in group):>7}")
+            f"{_mean(r.get('wall_s') for r in group):>7}  "
+            f"{','.join(sorted({r.get('code', '?') for r in group}))}")
     return "\n".join(lines)
 
 
@@ -235,6 +245,7 @@ def main() -> None:
         if study not in STUDIES:
             raise SystemExit(f"--studies: unknown {study!r}; use one of {sorted(STUDIES)}")
     done = done_keys()
+    version = code_version()  # read once: the modules were imported from this tree
     for model in args.models.split(","):
         for seed in range(args.seeds):
             for study in studies:
@@ -248,7 +259,7 @@ def main() -> None:
                     except Exception as exc:  # one failed run is a result, not the end
                         row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                     append({"key": key, "study": study, "model": model, "cell": cell,
-                            "seed": seed, **row})
+                            "seed": seed, "code": version, **row})
             if args.gepa:
                 key = f"gepa|{model}|gepa|{seed}|{args.steps}"
                 if key not in done:
@@ -258,7 +269,7 @@ def main() -> None:
                     except Exception as exc:
                         row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                     append({"key": key, "study": "bbeh/prompt_only", "model": model,
-                            "cell": "gepa-0.1.4", "seed": seed, **row})
+                            "cell": "gepa-0.1.4", "seed": seed, "code": version, **row})
     print(table())
 
 
