@@ -7,7 +7,8 @@ parsed in the loop's edit format (:mod:`mlflow_genopt.formats`) and checked
 (:mod:`mlflow_genopt.proposals`); an answer that cannot be adopted -- it does not parse, breaks a
 constraint, was cut at the token limit, changes nothing, or equals a version the loop already
 evaluated (or an earlier sibling) -- goes back to the optimizer as a follow-up message with the
-one-line reason and the offending lines, up to ``repair_attempts`` times. Every attempt is kept
+one-line reason and the offending lines (not the whole answer: small models resend it), up to
+``repair_attempts`` times. Every attempt is kept
 (:class:`~mlflow_genopt.events.Attempt`). A context that does not fit the model's window is
 rebuilt smaller (:data:`mlflow_genopt.context.SHRINK_LEVELS`) before the step is given up.
 Nothing here runs or scores a candidate: that is the loop's job.
@@ -30,10 +31,14 @@ from .llm.base import LLM, Completion, PromptTooLong
 from .proposals import InvalidProposal, strip_fences, validate_value
 from .task import Trial
 
-# How much of a failed answer a repair request quotes back. The quote is cut at a line boundary
-# and never marked inside the text: Qwen2.5-Coder-1.5B copied an inline "[...]" marker into its
-# repaired code, then ran away with blank lines. Runs of blank lines are collapsed first.
-_REPAIR_ECHO_CHARS = 6000
+# A repair request does not quote the failed answer back: with its own answer in the context,
+# Qwen2.5-Coder-1.5B resent it word for word, reasoning included, in 4 of 5 repairs on the ML
+# pipeline (a different seed at temperature 0.7 made no difference), so each repair was a wasted
+# minute. The request names why the answer failed and quotes the lines that matter (the error's
+# detail: the offending lines, the nearest lines of a missed SEARCH, a traceback tail), then asks
+# for a new answer to the same context; earlier failures of the candidate are listed in one line
+# each. A detail is cut at a line boundary, unmarked (the same model copied an inline "[...]").
+_REPAIR_DETAIL_CHARS = 3000
 # ``seen`` maps a content hash to what the proposal would repeat (its description ends the
 # refusal's "proposal is identical to ..."); known versions are described by the loop.
 _EVALUATED = ", which was already evaluated"
@@ -139,6 +144,7 @@ class Optimizer:
         seen = {digest: what + _EVALUATED for digest, what in known.items()}
         attempts: list[list[Attempt]] = [[] for _ in seeds]
         followups: list[list[dict[str, str]]] = [[] for _ in seeds]
+        errors: list[list[InvalidProposal]] = [[] for _ in seeds]
         done: list[Proposal | None] = [None] * len(seeds)
         for round_ in range(self.repair_attempts + 1):
             pending = [i for i, p in enumerate(done) if p is None]
@@ -162,7 +168,8 @@ class Optimizer:
                     if round_ == self.repair_attempts:
                         done[i] = Proposal(raw, None, "", str(exc), completion, tuple(attempts[i]))
                     else:
-                        followups[i] = followups[i] + self._repair_messages(raw, exc)
+                        errors[i].append(exc)
+                        followups[i] = self._repair_messages(errors[i])
                     continue
                 attempts[i].append(Attempt(raw, None, tuple(followups[i]), completion.finish_reason, seed))
                 seen[content_hash({**current.values, **values})] = (f"candidate {i} of this step"
@@ -204,7 +211,11 @@ class Optimizer:
                 continue
             value, fixed = validate_value(parameter, answer.values[parameter.name])
             repairs.extend(fixed)
-            if value != current.values[parameter.name]:
+            # the value ends as the current one does: blocks drop the final newline, and a
+            # resent function differing only there was scored as a new version
+            was = current.values[parameter.name]
+            value = value.rstrip() + was[len(was.rstrip()):]
+            if value != was:
                 changed[parameter.name] = value
         if not changed:
             if not answer.values:
@@ -222,18 +233,23 @@ class Optimizer:
                 raise InvalidProposal(f"the new version fails a quick run: {first}", rest.strip())
         return changed, answer.reasoning, tuple(repairs)
 
-    def _repair_messages(self, raw: str, error: InvalidProposal) -> list[dict[str, str]]:
-        shown = re.sub(r"\n(?:[ \t]*\n){3,}", "\n\n\n", raw).rstrip()
-        text = f"Your answer could not be used: {error}."
-        if len(shown) > _REPAIR_ECHO_CHARS:
-            cut = shown.rfind("\n", 0, _REPAIR_ECHO_CHARS)
-            shown = shown[:cut if cut > 0 else _REPAIR_ECHO_CHARS]
-            text += (f" (Your answer is quoted above up to line {shown.count(chr(10)) + 1} of "
-                     f"{raw.count(chr(10)) + 1}.)")
+    def _repair_messages(self, errors: Sequence[InvalidProposal]) -> list[dict[str, str]]:
+        """The follow-up of a repair: one user message after the context (see
+        :data:`_REPAIR_DETAIL_CHARS` for why it does not quote the answer)."""
+        *earlier, error = errors
+        text = f"An answer to this request could not be used: {error}."
         if error.detail:
-            text += f"\n{error.detail}"
-        text += "\n" + self.format.repair_hint()
-        return [{"role": "assistant", "content": shown}, {"role": "user", "content": text}]
+            detail = re.sub(r"\n(?:[ \t]*\n){3,}", "\n\n\n", error.detail).rstrip()
+            if len(detail) > _REPAIR_DETAIL_CHARS:
+                cut = detail.rfind("\n", 0, _REPAIR_DETAIL_CHARS)
+                detail = detail[:cut if cut > 0 else _REPAIR_DETAIL_CHARS]
+            text += f"\n{detail}"
+        if earlier:
+            text += "\nEarlier answers could not be used either:" + "".join(
+                f"\n- {e}" for e in earlier)
+        text += ("\nWrite a new answer to the request above that avoids these problems. "
+                 + self.format.repair_hint())
+        return [{"role": "user", "content": text}]
 
 
 def _empty(llm: LLM) -> Completion:

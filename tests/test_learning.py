@@ -154,35 +154,35 @@ def test_an_invalid_answer_goes_back_with_its_reason_and_the_offending_lines():
     llm = ScriptedLLM([broken, fixed])
     optimizer = Optimizer(llm, edit_format="tagged", repair_attempts=2)
     [proposal] = optimizer.propose_candidates([{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[1])
-    assert proposal.valid and proposal.values["train_model"].endswith("return 2")
+    assert proposal.valid and proposal.values["train_model"] == "def train_model(dataset):\n    return 2\n"
     first, second = proposal.attempts
     assert first.invalid_reason.startswith("train_model: SyntaxError at line 2") and second.invalid_reason is None
     followup = llm.calls[1]["messages"]
-    assert followup[0]["content"] == "ctx" and followup[1] == {"role": "assistant", "content": broken}
-    assert "could not be used: train_model: SyntaxError" in followup[2]["content"]
-    assert ">    2 |     return (1" in followup[2]["content"]
+    assert followup[0]["content"] == "ctx" and [m["role"] for m in followup] == ["user", "user"]
+    assert "could not be used: train_model: SyntaxError" in followup[1]["content"]
+    assert ">    2 |     return (1" in followup[1]["content"]
+    assert "<reasoning>" not in followup[1]["content"]  # the answer itself is not sent back
     assert llm.calls[1]["grammar"] == llm.calls[0]["grammar"] is not None
 
 
-def test_a_long_invalid_answer_is_quoted_back_whole_lines_without_a_marker_to_copy():
-    # Qwen 1.5B copied an inline "[...]" clip marker into its repaired code, then emitted 2,000
-    # blank lines: the quote collapses blank runs and ends at a line boundary, unmarked
+def test_repairs_are_new_answers_to_the_context_listing_every_earlier_failure_whole_lines():
+    # Qwen 1.5B resent its own quoted answer word for word; the request quotes only the lines
+    # that matter, cut at a line boundary and unmarked (it copied an inline "[...]" marker)
     body = "\n".join(f"    x{i} = {i}" for i in range(600))
     broken = (f"<reasoning>\nr\n</reasoning>\n<train_model>\ndef train_model(dataset):\n{body}"
-              "\n    return (1\n" + "\n" * 50 + "</train_model>")
-    llm = ScriptedLLM([broken, broken])
-    Optimizer(llm, edit_format="tagged", repair_attempts=1).propose_candidates(
+              "\n    return (1\n</train_model>")
+    same = f"<reasoning>\nr\n</reasoning>\n<train_model>\n{CURRENT.values['train_model']}\n</train_model>"
+    fixed = "<reasoning>\nr\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    return 2\n</train_model>"
+    llm = ScriptedLLM([broken, same, fixed])
+    [proposal] = Optimizer(llm, edit_format="tagged", repair_attempts=2).propose_candidates(
         [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
-    quoted, request = llm.calls[1]["messages"][1]["content"], llm.calls[1]["messages"][2]["content"]
-    assert "[...]" not in quoted and "\n\n\n\n" not in quoted
-    assert broken.startswith(quoted) and broken[len(quoted)] == "\n"  # whole lines only
-    assert f"quoted above up to line {quoted.count(chr(10)) + 1} of {broken.count(chr(10)) + 1}" in request
-    short = "<reasoning>\nr\n</reasoning>\n<train_model>\n" + "\n" * 9 + "x = (\n</train_model>"
-    llm = ScriptedLLM([short, short])
-    Optimizer(llm, edit_format="tagged", repair_attempts=1).propose_candidates(
-        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
-    assert llm.calls[1]["messages"][1]["content"] == short.replace("\n" * 10, "\n" * 3)
-    assert "quoted above" not in llm.calls[1]["messages"][2]["content"]
+    assert proposal.valid and len(proposal.attempts) == 3
+    second, third = llm.calls[1]["messages"], llm.calls[2]["messages"]
+    assert len(second) == len(third) == 2 and third[0]["content"] == "ctx"
+    assert "[...]" not in second[1]["content"] and len(second[1]["content"]) < 3500
+    assert "proposal is identical to the current version" in third[1]["content"]
+    assert "Earlier answers could not be used either:\n- train_model: SyntaxError" in third[1]["content"]
+    assert proposal.attempts[2].followup == tuple(third[1:])
 
 
 def test_a_candidate_failing_the_precheck_is_repaired_with_the_error_and_not_re_run():
@@ -202,14 +202,14 @@ def test_a_candidate_failing_the_precheck_is_repaired_with_the_error_and_not_re_
         "proposal is identical to a proposal of this step that failed the quick run (precheck); "
         "propose a different change", None]
     assert "line 2: return xgb" in llm.calls[1]["messages"][-1]["content"]  # the detail goes back
-    assert len(runs) == 2 and proposal.values["train_model"].endswith("return 7")  # not re-run
+    assert len(runs) == 2 and proposal.values["train_model"].endswith("return 7\n")  # not re-run
 
 
 def test_an_answer_in_another_format_is_understood_and_the_repair_recorded():
     as_json = json.dumps({"reasoning": "r", "train_model": "def train_model(dataset):\n    return 4\n"})
     optimizer = Optimizer(ScriptedLLM([as_json]), edit_format="tagged", repair_attempts=0)
     [proposal] = optimizer.propose_candidates([{"role": "user", "content": "c"}], SPEC, CURRENT, seeds=[0])
-    assert proposal.valid and proposal.values["train_model"].endswith("return 4")
+    assert proposal.valid and proposal.values["train_model"].endswith("return 4\n")
     assert "answer parsed as json (asked for tagged)" in proposal.repairs
     # an answer no format can read keeps the asked format's reason
     optimizer = Optimizer(ScriptedLLM(["just prose"]), edit_format="tagged", repair_attempts=0)
