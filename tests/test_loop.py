@@ -126,7 +126,7 @@ def test_code_parameters_must_parse_and_define_the_function():
     assert "SyntaxError at line" in result.steps[0].invalid_reason
     assert "does not define function `policy`" in result.steps[1].invalid_reason
     assert result.steps[2].valid
-    assert result.versions[-1].version.values["policy"] == good.rstrip("\n")  # fence stripped
+    assert result.versions[-1].version.values["policy"] == good  # fence stripped, ends as the current value
 
 
 def test_raw_control_characters_and_fenced_json_are_accepted():
