@@ -348,27 +348,24 @@ def apply_edit(value: str, search: str, replacement: str, name: str, number: int
     lines = value.splitlines()
     wanted = search.rstrip("\n").splitlines()
     new = replacement.rstrip("\n").splitlines() if replacement.strip() else []
+    def splice(i: int, shift: bool) -> str:  # ``new`` in place of the matched lines at ``i``
+        have = _indent(lines[i:i + len(wanted)])
+        moved = _reindent(new, _indent(wanted), have) if shift and _indent(new) != have else new
+        trailing = "\n" if value.endswith("\n") else ""
+        return "\n".join(lines[:i] + moved + lines[i + len(wanted):]) + trailing
+
     for key in (lambda s: s, str.rstrip, str.strip):
         target = [key(s) for s in wanted]
         hits = [i for i in range(len(lines) - len(target) + 1)
                 if [key(s) for s in lines[i:i + len(target)]] == target]
-        if len(hits) == 1:
-            i = hits[0]
-            have = _indent(lines[i:i + len(target)])
-            if key is str.strip and _indent(new) != have:  # written at the SEARCH's indentation
-                new = _reindent(new, _indent(wanted), have)
-            trailing = "\n" if value.endswith("\n") else ""
-            return "\n".join(lines[:i] + new + lines[i + len(target):]) + trailing
+        if len(hits) == 1:  # ignoring indentation: written at the SEARCH's indentation
+            return splice(hits[0], shift=key is str.strip)
         if len(hits) > 1:
             raise InvalidProposal(f"{name}: SEARCH block {number} matches {len(hits)} places; copy more "
                                   "lines so that it matches one")
     near, ratio, unique = _fuzzy(lines, wanted) if fuzzy else (0, 0.0, False)
     if ratio >= FUZZY_RATIO and unique:  # a near-copy of one place: the lines it meant
-        have = _indent(lines[near:near + len(wanted)])
-        if _indent(new) != have:
-            new = _reindent(new, _indent(wanted), have)
-        trailing = "\n" if value.endswith("\n") else ""
-        return "\n".join(lines[:near] + new + lines[near + len(wanted):]) + trailing
+        return splice(near, shift=True)
     raise InvalidProposal(f"{name}: SEARCH block {number} matches nothing in the current value",
                           "the nearest lines of the current value:\n" + _nearest(lines, wanted))
 
