@@ -236,8 +236,9 @@ BLANK_RUN = 2  # at most this many blank lines in a row inside a free value
 # middle of a sentence derailed Qwen2.5-Coder-1.5B (it went on by echoing the instructions), so
 # the first line may hold a whole paragraph. A reasoning line may not start like an edit
 # block or a fence (``>>>>>>>``, ``=======``, a backtick): Qwen 1.5B went on from its reasoning
-# with ``>>>>>>> REPLACE`` and a fenced function before it closed the block. Blank (or whitespace-only) lines come in runs of at
-# most BLANK_RUN: the same model otherwise answered with 2,000 tokens of newlines.
+# with ``>>>>>>> REPLACE`` and a fenced function before it closed the block. Blank (or
+# whitespace-only) lines come in runs of at most BLANK_RUN: the same model otherwise answered
+# with 2,000 tokens of newlines.
 _REASONING_RULES = (
     f'reasoning ::= [^<>=`\\n] [^\\n]{{0,{REASONING_FIRST_LINE_CHARS}}} "\\n" '
     f'rline{{0,{REASONING_LINES - 1}}}',
@@ -348,6 +349,7 @@ def apply_edit(value: str, search: str, replacement: str, name: str, number: int
     lines = value.splitlines()
     wanted = search.rstrip("\n").splitlines()
     new = replacement.rstrip("\n").splitlines() if replacement.strip() else []
+
     def splice(i: int, shift: bool) -> str:  # ``new`` in place of the matched lines at ``i``
         have = _indent(lines[i:i + len(wanted)])
         moved = _reindent(new, _indent(wanted), have) if shift and _indent(new) != have else new
