@@ -334,9 +334,12 @@ def _owner(values: Mapping[str, str], search: str, named: str) -> str | None:
     """The one other parameter whose value holds the SEARCH lines exactly (ignoring
     indentation): Qwen 1.5B named ``preprocess`` for lines of ``train_model``."""
     wanted = [s.strip() for s in search.rstrip("\n").splitlines()]
-    owners = [name for name, value in values.items() if name != named and any(
-        [s.strip() for s in value.splitlines()[i:i + len(wanted)]] == wanted
-        for i in range(len(value.splitlines()) - len(wanted) + 1))]
+
+    def holds(value: str) -> bool:
+        lines = [s.strip() for s in value.splitlines()]
+        return any(lines[i:i + len(wanted)] == wanted for i in range(len(lines) - len(wanted) + 1))
+
+    owners = [name for name, value in values.items() if name != named and holds(value)]
     return owners[0] if len(owners) == 1 else None
 
 

@@ -143,19 +143,20 @@ class Optimizer:
         does not depend on which call finished first."""
         seen = {digest: what + _EVALUATED for digest, what in known.items()}
         attempts: list[list[Attempt]] = [[] for _ in seeds]
-        followups: list[list[dict[str, str]]] = [[] for _ in seeds]
         errors: list[list[InvalidProposal]] = [[] for _ in seeds]
         done: list[Proposal | None] = [None] * len(seeds)
         for round_ in range(self.repair_attempts + 1):
             pending = [i for i, p in enumerate(done) if p is None]
             if not pending:
                 break
-            answers = self._call_all([list(context) + followups[i] for i in pending],
+            followups = {i: tuple(self._repair_messages(errors[i])) if errors[i] else ()
+                         for i in pending}
+            answers = self._call_all([list(context) + list(followups[i]) for i in pending],
                                      [seeds[i] + 7 * round_ for i in pending], spec)
             for i, (completion, error) in zip(pending, answers):
                 seed = seeds[i] + 7 * round_
                 if error is not None:  # the context does not fit: no repair can help
-                    attempts[i].append(Attempt("", error, tuple(followups[i]), None, seed))
+                    attempts[i].append(Attempt("", error, followups[i], None, seed))
                     done[i] = Proposal("", None, "", error, _empty(self.llm), tuple(attempts[i]))
                     continue
                 raw = completion.text
@@ -163,15 +164,14 @@ class Optimizer:
                     values, reasoning, repairs = self._check(raw, completion, spec, current, seen,
                                                              precheck)
                 except InvalidProposal as exc:
-                    attempts[i].append(Attempt(raw, str(exc), tuple(followups[i]),
+                    attempts[i].append(Attempt(raw, str(exc), followups[i],
                                                completion.finish_reason, seed))
                     if round_ == self.repair_attempts:
                         done[i] = Proposal(raw, None, "", str(exc), completion, tuple(attempts[i]))
                     else:
                         errors[i].append(exc)
-                        followups[i] = self._repair_messages(errors[i])
                     continue
-                attempts[i].append(Attempt(raw, None, tuple(followups[i]), completion.finish_reason, seed))
+                attempts[i].append(Attempt(raw, None, followups[i], completion.finish_reason, seed))
                 seen[content_hash({**current.values, **values})] = (f"candidate {i} of this step"
                                                                     + _EVALUATED)
                 done[i] = Proposal(raw, values, reasoning, None, completion, tuple(attempts[i]), repairs)
