@@ -14,7 +14,8 @@
   shifted by the indentation the SEARCH lines missed), then approximately (the one place whose
   lines are at least :data:`FUZZY_RATIO` similar); a block whose lines are in another trainable
   parameter than the one it names edits that one. A block that matches nothing, or more than
-  one place, is an invalid proposal whose reason quotes the nearest lines.
+  one place, is an invalid proposal whose reason quotes the nearest lines. Lines copied from a
+  repair's numbered excerpt (``   21 | code``) lose the number gutter first.
   An empty SEARCH part replaces the whole value when parsing (the instructions do not offer it,
   and the grammar does not allow it: weak models wrote one to mean "insert somewhere").
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .artifact import ArtifactSpec, ArtifactVersion, Parameter
-from .proposals import InvalidProposal, strip_fences, strip_think
+from .proposals import GUTTER, InvalidProposal, strip_fences, strip_think
 
 REASONING_CHARS = 600
 # llama.cpp compiles maxLength into one grammar rule per character and refuses grammars with
@@ -302,6 +303,11 @@ class DiffFormat(EditFormat):
             f"{example.old_line}\n=======\n{example.new_line}\n>>>>>>> REPLACE"
         )
 
+    def repair_hint(self) -> str:  # not "complete values": a diff writes only what changes
+        return ("Answer again in the same format (diff): each SEARCH part copies lines of the "
+                "current value shown in the request, not of the failed answer or of the numbered "
+                "lines above.")
+
     def parse(self, raw: str, spec: ArtifactSpec, current: ArtifactVersion) -> Answer:
         text = strip_think(raw)
         blocks = list(_BLOCK.finditer(text))
@@ -318,7 +324,8 @@ class DiffFormat(EditFormat):
                 raise InvalidProposal(
                     f"edit block {number} names {block.group('name') or 'no parameter'}; edit one of "
                     f"{', '.join(sorted(trainable))}")
-            search, replacement = block.group("search"), block.group("replace")
+            search, replacement = _ungutter(block.group("search"), block.group("replace"),
+                                            current.values)
             try:  # exact matches first, in the named parameter, then in another one
                 values[name] = apply_edit(values[name], search, replacement, name, number,
                                           fuzzy=False)
@@ -328,6 +335,21 @@ class DiffFormat(EditFormat):
             edited.add(name)
         reasoning = _block(text, "reasoning") or ""
         return Answer({name: values[name] for name in edited}, reasoning.strip()[:REASONING_CHARS])
+
+
+def _ungutter(search: str, replacement: str, values: Mapping[str, str]) -> tuple[str, str]:
+    """A block's parts without the line-number gutter of a repair's excerpt (:data:`GUTTER`), when
+    its SEARCH part shows it was copied from one (a gutter line that is not, as written, a line of
+    a current value); lines that are in a current value as written keep their text."""
+    known = {line.strip() for value in values.values() for line in value.splitlines()}
+    if not any(GUTTER.match(line) and line.strip() not in known for line in search.splitlines()):
+        return search, replacement
+
+    def strip(text: str) -> str:
+        return "".join(line if line.strip() in known else GUTTER.sub("", line, count=1)
+                       for line in text.splitlines(keepends=True))
+
+    return strip(search), strip(replacement)
 
 
 def _owner(values: Mapping[str, str], search: str, named: str) -> str | None:

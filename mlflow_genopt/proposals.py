@@ -111,8 +111,13 @@ def _check_code(parameter: Parameter, value: str) -> None:
             f"{parameter.name}: does not define function `{parameter.expected_function}`{found}")
 
 
+# The line-number gutter :func:`_around` writes, as models copy it back (re-indented, the marker
+# dropped or kept): Qwen 1.5B put "    21 |         (...)" lines of a repair's detail into a SEARCH.
+GUTTER = re.compile(r"^[ \t]*>?[ \t]*\d{1,5} \| ?")
+
+
 def _around(source: str, lineno: int | None, context: int = 2) -> str:
-    """The lines around ``lineno`` (1-based), numbered, the offending one marked."""
+    """The lines around ``lineno`` (1-based), numbered, the offending one marked (:data:`GUTTER`)."""
     if not lineno:
         return ""
     lines = source.splitlines()

@@ -148,6 +148,35 @@ def test_a_prompt_without_its_input_gets_it_appended_and_unknown_placeholders_ar
 
 
 # --- repair ----------------------------------------------------------------------------------
+def test_diff_lines_copied_from_a_repairs_numbered_excerpt_lose_the_gutter():
+    current = ("def preprocess(df):\n    cols = [\n        'a',\n    ]\n    return df[cols]\n")
+    # as Qwen 1.5B wrote them: re-indented, marker kept on one line, beside plain lines
+    raw = ("<reasoning>\nadd b\n</reasoning>\n<<<<<<< SEARCH preprocess\n    cols = [\n"
+           "      3 |         'a',\n>    4 |     ]\n=======\n    cols = [\n      3 |         'a', 'b',\n"
+           "    ]\n>>>>>>> REPLACE\n")
+    spec = ArtifactSpec((Parameter("preprocess", "code", "p"),))
+    parsed = DiffFormat().parse(raw, spec, ArtifactVersion({"preprocess": current}, 0))
+    assert parsed.values["preprocess"] == current.replace("'a',", "'a', 'b',")
+    # a block whose SEARCH lines are the current value's as written is left alone, "1 | 2" included
+    odd = "def f(x):\n    return (x\n    1 | 2)\n"
+    raw = "<<<<<<< SEARCH f\n    1 | 2)\n=======\n    1 | 4)\n>>>>>>> REPLACE\n"
+    spec = ArtifactSpec((Parameter("f", "code", "f"),))
+    assert DiffFormat().parse(raw, spec, ArtifactVersion({"f": odd}, 0)).values["f"] == odd.replace("| 2", "| 4")
+
+
+def test_a_diff_repair_asks_for_lines_of_the_current_value_not_complete_values():
+    broken = ("<reasoning>\nr\n</reasoning>\n<<<<<<< SEARCH train_model\n    return 1\n=======\n"
+              "    return (1\n>>>>>>> REPLACE\n")
+    fixed = broken.replace("return (1", "return 2")
+    llm = ScriptedLLM([broken, fixed])
+    [proposal] = Optimizer(llm, edit_format="diff", repair_attempts=1).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
+    assert proposal.valid and proposal.values["train_model"].endswith("return 2\n")
+    followup = llm.calls[1]["messages"][-1]["content"]
+    assert ">    2 |     return (1" in followup and "complete values" not in followup
+    assert "each SEARCH part copies lines of the current value" in followup
+
+
 def test_an_invalid_answer_goes_back_with_its_reason_and_the_offending_lines():
     broken = "<reasoning>\nfix\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    return (1\n</train_model>"
     fixed = "<reasoning>\nfix\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    return 2\n</train_model>"
