@@ -10,8 +10,8 @@ fixed number of steps and records:
 * accepted versions; validation gain of the selected version over the starting version;
 * test score of the selected version; optimizer calls, task-model calls, wall time.
 
-``--gepa`` runs GEPA 0.1.4 on the same BBEH task, splits, exact-match scorer, seed prompt, task
-model and reflection model, with the same number of reflection (optimizer) calls as genopt's
+``--gepa`` runs GEPA 0.1.4 on each BBEH ``prompt_only`` study given, with the same task, splits,
+exact-match scorer, seed prompt, task model and reflection model, with the same number of reflection (optimizer) calls as genopt's
 steps. GEPA is never a project dependency: it is installed into a separate virtual environment
 (``.bench/gepa-venv``, which sees this project's environment read-only through a ``.pth`` file)
 and run there as a subprocess.
@@ -26,7 +26,7 @@ Usage::
     python bench/bench_learning.py --studies bbeh/prompt_only --models embedded --seeds 3
     python bench/bench_learning.py --studies ml_pipeline/one_function,ml_pipeline/many_function \
         --models bench --cells tagged/k1/current/r2 --seeds 3
-    python bench/bench_learning.py --gepa --studies none --models bench --seeds 3
+    python bench/bench_learning.py --gepa --studies bbeh/causal_understanding --models bench --seeds 3
     python bench/bench_learning.py --table
 """
 
@@ -58,6 +58,10 @@ BBEH_OPTIONS = {"data_dir": str(SHARED / "data" / "bbeh" / "benchmark_tasks"), "
 STUDIES = {
     "bbeh/prompt_only": ("bbeh", {"task": "boolean_expressions", "init": "prompt_only",
                                   "batch_size": 3, "task_options": BBEH_OPTIONS}),
+    # a task the 135M task model answers right by chance already (Yes / No / Ambiguous), so
+    # that a prompt can move the score: on boolean_expressions it scores 0 whatever the prompt
+    "bbeh/causal_understanding": ("bbeh", {"task": "causal_understanding", "init": "prompt_only",
+                                           "batch_size": 3, "task_options": BBEH_OPTIONS}),
     "bbeh/prompt_and_extraction": ("bbeh", {"task": "boolean_expressions",
                                             "init": "prompt_and_extraction", "batch_size": 3,
                                             "task_options": BBEH_OPTIONS}),
@@ -140,6 +144,7 @@ def run_genopt(study: str, model: str, cell: str, seed: int, steps: int) -> dict
     attempts = sum(len(c.attempts) for c in candidates)
     start_val = result.versions[0].val_score if result.versions else None
     totals = dict(result.totals)
+    _write_details(study, model, cell, seed, result)
     return {
         "candidates": len(candidates),
         "first_try_valid": sum(c.first_try_valid for c in candidates),
@@ -155,6 +160,26 @@ def run_genopt(study: str, model: str, cell: str, seed: int, steps: int) -> dict
         "invalid_reasons": [c.invalid_reason for c in candidates if not c.valid][:10],
         "wall_s": round(wall, 1),
     }
+
+
+def _write_details(study: str, model: str, cell: str, seed: int, result) -> None:
+    """Every attempt of every candidate (answer, reason, follow-up) and every version's scores,
+    in ``.bench/runs/``: the table says how often proposals fail, this file says why."""
+    steps = [{
+        "step": s.step, "parent": s.current_id, "batch_score": s.batch_score,
+        "accepted": s.accepted, "val_score": s.val_score,
+        "candidates": [{"index": c.index, "valid": c.valid, "batch_score": c.batch_score,
+                        "invalid_reason": c.invalid_reason, "repairs": list(c.repairs),
+                        "attempts": [{"raw": a.raw, "invalid_reason": a.invalid_reason,
+                                      "followup": [m["content"] for m in a.followup],
+                                      "finish_reason": a.finish_reason} for a in c.attempts]}
+                       for c in s.candidates]} for s in result.steps]
+    versions = [{"id": v.version.version_id, "status": v.status, "batch_score": v.batch_score,
+                 "val_score": v.val_score} for v in result.versions]
+    path = OUT / "runs" / f"{study.replace('/', '_')}-{model}-{cell.replace('/', '_')}-{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"steps": steps, "versions": versions,
+                                "test": result.test_score}, indent=1))
 
 
 # --- GEPA -------------------------------------------------------------------------------------
@@ -175,12 +200,13 @@ def gepa_python() -> Path:
     return python
 
 
-def run_gepa(model: str, seed: int, reflection_calls: int) -> dict:
+def run_gepa(study: str, model: str, seed: int, reflection_calls: int) -> dict:
     spec = model_spec(model)
+    _, overrides = STUDIES[study]
     cmd = [str(gepa_python()), str(Path(__file__).with_name("gepa_bbeh.py")),
-           "--reflection-model", spec, "--seed", str(seed),
+           "--reflection-model", spec, "--seed", str(seed), "--task", overrides["task"],
            "--reflection-calls", str(reflection_calls),
-           "--options", json.dumps(BBEH_OPTIONS), "--cache-dir", str(OUT / "cache")]
+           "--options", json.dumps(overrides["task_options"]), "--cache-dir", str(OUT / "cache")]
     started = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -260,15 +286,17 @@ def main() -> None:
                         row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                     append({"key": key, "study": study, "model": model, "cell": cell,
                             "seed": seed, "code": version, **row})
-            if args.gepa:
-                key = f"gepa|{model}|gepa|{seed}|{args.steps}"
+            for study in studies if args.gepa else ():
+                if STUDIES[study][0] != "bbeh" or STUDIES[study][1]["init"] != "prompt_only":
+                    continue  # GEPA optimizes the prompt of a BBEH task
+                key = f"gepa|{study}|{model}|{seed}|{args.steps}"
                 if key not in done:
                     print(f"[bench] {key}", file=sys.stderr, flush=True)
                     try:
-                        row = run_gepa(model, seed, args.steps)
+                        row = run_gepa(study, model, seed, args.steps)
                     except Exception as exc:
                         row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                    append({"key": key, "study": "bbeh/prompt_only", "model": model,
+                    append({"key": key, "study": study, "model": model,
                             "cell": "gepa-0.1.4", "seed": seed, "code": version, **row})
     print(table())
 

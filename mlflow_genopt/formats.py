@@ -102,6 +102,11 @@ class EditFormat:
     def repair_hint(self) -> str:
         return f"Answer again in the same format ({self.name}), with complete values."
 
+    def fix_hint(self) -> str:
+        """How a repair answer fixes the failed values the follow-up shows."""
+        return (f"Answer in the same format ({self.name}), with the complete corrected value of "
+                "each parameter you fix.")
+
 
 # --- json ------------------------------------------------------------------------------------
 class JsonFormat(EditFormat):
@@ -307,6 +312,10 @@ class DiffFormat(EditFormat):
         return ("Answer again in the same format (diff): each SEARCH part copies lines of the "
                 "current value shown in the request, not of the failed answer or of the numbered "
                 "lines above.")
+
+    def fix_hint(self) -> str:
+        return ("Answer in the same format (diff): each SEARCH part copies lines of the values to "
+                "fix shown just above, not of the current value in the request.")
 
     def parse(self, raw: str, spec: ArtifactSpec, current: ArtifactVersion) -> Answer:
         text = strip_think(raw)

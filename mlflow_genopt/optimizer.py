@@ -39,6 +39,15 @@ from .task import Trial
 # for a new answer to the same context; earlier failures of the candidate are listed in one line
 # each. A detail is cut at a line boundary, unmarked (the same model copied an inline "[...]").
 _REPAIR_DETAIL_CHARS = 3000
+
+# Repairs from failed values: an answer whose new values exist but fail a later check (a syntax
+# error, the task's quick run) is repaired from those values: the follow-up shows them and asks
+# for a fix, and a diff repair edits them, not the current version. A missing import or a wrong
+# keyword is one line of the failed code, while a new answer to the context is a new change
+# that can fail in a new way. Values longer than _FIX_CHARS in all are not quoted (the repair
+# would crowd the model's window): their repair asks for a new answer.
+_FIX_CHARS = 2 * _REPAIR_DETAIL_CHARS
+
 # ``seen`` maps a content hash to what the proposal would repeat (its description ends the
 # refusal's "proposal is identical to ..."); known versions are described by the loop.
 _EVALUATED = ", which was already evaluated"
@@ -144,12 +153,15 @@ class Optimizer:
         seen = {digest: what + _EVALUATED for digest, what in known.items()}
         attempts: list[list[Attempt]] = [[] for _ in seeds]
         errors: list[list[InvalidProposal]] = [[] for _ in seeds]
+        # what a repair fixes: the values the candidate's latest answer made when they failed a
+        # check after parsing (repairs from failed values, above), else nothing: a new answer
+        fixing: list[dict[str, str]] = [{} for _ in seeds]
         done: list[Proposal | None] = [None] * len(seeds)
         for round_ in range(self.repair_attempts + 1):
             pending = [i for i, p in enumerate(done) if p is None]
             if not pending:
                 break
-            followups = {i: tuple(self._repair_messages(errors[i])) if errors[i] else ()
+            followups = {i: tuple(self._repair_messages(errors[i], fixing[i])) if errors[i] else ()
                          for i in pending}
             answers = self._call_all([list(context) + list(followups[i]) for i in pending],
                                      [seeds[i] + 7 * round_ for i in pending], spec)
@@ -162,7 +174,7 @@ class Optimizer:
                 raw = completion.text
                 try:
                     values, reasoning, repairs = self._check(raw, completion, spec, current, seen,
-                                                             precheck)
+                                                             precheck, fixing[i])
                 except InvalidProposal as exc:
                     attempts[i].append(Attempt(raw, str(exc), followups[i],
                                                completion.finish_reason, seed))
@@ -170,6 +182,8 @@ class Optimizer:
                         done[i] = Proposal(raw, None, "", str(exc), completion, tuple(attempts[i]))
                     else:
                         errors[i].append(exc)
+                        quotable = exc.values and sum(map(len, exc.values.values())) <= _FIX_CHARS
+                        fixing[i] = exc.values if quotable else {}
                     continue
                 attempts[i].append(Attempt(raw, None, followups[i], completion.finish_reason, seed))
                 seen[content_hash({**current.values, **values})] = (f"candidate {i} of this step"
@@ -199,17 +213,40 @@ class Optimizer:
             return list(pool.map(call, requests, seeds))
 
     def _check(self, raw: str, completion: Completion, spec: ArtifactSpec,
-               current: ArtifactVersion, seen: dict[str, str], precheck: Precheck | None = None):
-        answer, fallback = parse_answer(self.format, raw, spec, current)
+               current: ArtifactVersion, seen: dict[str, str], precheck: Precheck | None = None,
+               fixing: Mapping[str, str] = {}):
+        """The values ``raw`` changes (against ``current``), its reasoning and the repairs made,
+        or :class:`InvalidProposal`. ``fixing``: the failed values a repair answer edits (a
+        parameter it leaves out keeps its ``fixing`` value)."""
+        base = ArtifactVersion({**current.values, **fixing}, current.step) if fixing else current
+        try:
+            answer, fallback = parse_answer(self.format, raw, spec, base)
+        except InvalidProposal as asked:
+            if not fixing:
+                raise
+            try:  # not a fix of the failed values: perhaps a new edit of the current version
+                answer, fallback = parse_answer(self.format, raw, spec, current)
+            except InvalidProposal:
+                raise asked from None
+            fixing = {}
         if completion.finish_reason == "length":
             raise InvalidProposal(f"answer was cut at the token limit ({self.max_tokens} tokens) "
                                   "before it was complete; write a shorter answer")
+        written = {**fixing, **answer.values}
         changed: dict[str, str] = {}
         repairs: list[str] = [fallback] if fallback else []
         for parameter in spec.trainable:
-            if parameter.name not in answer.values:
+            if parameter.name not in written:
                 continue
-            value, fixed = validate_value(parameter, answer.values[parameter.name])
+            try:
+                value, fixed = validate_value(parameter, written[parameter.name])
+            except InvalidProposal as exc:
+                if exc.detail and parameter.kind == "code":  # a syntax error: fix this code
+                    exc.values = {**changed, **{
+                        name: v for name, v in ((n, strip_fences(w).strip("\n") + "\n")
+                                                for n, w in written.items() if n not in changed)
+                        if v.rstrip() != current.values[name].rstrip()}}
+                raise
             repairs.extend(fixed)
             # the value ends as the current one does: blocks drop the final newline, and a
             # resent function differing only there was scored as a new version
@@ -230,12 +267,16 @@ class Optimizer:
             if problem:
                 seen[digest] = _FAILED_QUICK_RUN
                 first, _, rest = problem.strip().partition("\n")
-                raise InvalidProposal(f"the new version fails a quick run: {first}", rest.strip())
+                failed = InvalidProposal(f"the new version fails a quick run: {first}", rest.strip())
+                failed.values = changed
+                raise failed
         return changed, answer.reasoning, tuple(repairs)
 
-    def _repair_messages(self, errors: Sequence[InvalidProposal]) -> list[dict[str, str]]:
+    def _repair_messages(self, errors: Sequence[InvalidProposal],
+                         fixing: Mapping[str, str] = {}) -> list[dict[str, str]]:
         """The follow-up of a repair: one user message after the context (see
-        :data:`_REPAIR_DETAIL_CHARS` for why it does not quote the answer)."""
+        :data:`_REPAIR_DETAIL_CHARS` for why it does not quote the answer; ``fixing``: the failed
+        values it shows to fix, see the note on repairs from failed values above it)."""
         *earlier, error = errors
         text = f"An answer to this request could not be used: {error}."
         if error.detail:
@@ -247,8 +288,14 @@ class Optimizer:
         if earlier:
             text += "\nEarlier answers could not be used either:" + "".join(
                 f"\n- {e}" for e in earlier)
-        text += ("\nWrite a new answer to the request above that avoids these problems. "
-                 + self.format.repair_hint())
+        if fixing:
+            text += "\nThe values to fix, as that answer made them:" + "".join(
+                f"\n<{name}>\n{value.rstrip()}\n</{name}>" for name, value in fixing.items())
+            text += ("\nFix these values: keep the change they make and correct only what "
+                     "fails. " + self.format.fix_hint())
+        else:
+            text += ("\nWrite a new answer to the request above that avoids these problems. "
+                     + self.format.repair_hint())
         return [{"role": "user", "content": text}]
 
 

@@ -32,6 +32,9 @@ class InvalidProposal(ValueError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.detail = detail
+        # the new values the answer made, when they exist but fail a check (a syntax error, the
+        # task's quick run): the optimizer's repair then fixes them instead of starting again
+        self.values: dict[str, str] | None = None
 
 
 def strip_fences(text: str) -> str:

@@ -164,17 +164,50 @@ def test_diff_lines_copied_from_a_repairs_numbered_excerpt_lose_the_gutter():
     assert DiffFormat().parse(raw, spec, ArtifactVersion({"f": odd}, 0)).values["f"] == odd.replace("| 2", "| 4")
 
 
+def _edit(search: str, replace: str) -> str:
+    return (f"<reasoning>\nr\n</reasoning>\n<<<<<<< SEARCH train_model\n{search}\n=======\n"
+            f"{replace}\n>>>>>>> REPLACE\n")
+
+
 def test_a_diff_repair_asks_for_lines_of_the_current_value_not_complete_values():
-    broken = ("<reasoning>\nr\n</reasoning>\n<<<<<<< SEARCH train_model\n    return 1\n=======\n"
-              "    return (1\n>>>>>>> REPLACE\n")
-    fixed = broken.replace("return (1", "return 2")
-    llm = ScriptedLLM([broken, fixed])
+    missed = _edit("    return 0", "    return 2")
+    llm = ScriptedLLM([missed, _edit("    return 1", "    return 2")])
     [proposal] = Optimizer(llm, edit_format="diff", repair_attempts=1).propose_candidates(
         [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
     assert proposal.valid and proposal.values["train_model"].endswith("return 2\n")
     followup = llm.calls[1]["messages"][-1]["content"]
-    assert ">    2 |     return (1" in followup and "complete values" not in followup
+    assert "SEARCH block 1 matches nothing" in followup and "complete values" not in followup
     assert "each SEARCH part copies lines of the current value" in followup
+
+
+def test_code_that_fails_after_parsing_is_repaired_from_that_code_or_by_a_new_edit():
+    # a syntax error, then the quick run: each repair shows the code that failed, and its edits
+    # apply to that code (both changes are kept); an edit of the current version is read too
+    def precheck(values):
+        code = values["train_model"]
+        return None if "import xgboost" in code or "xgb" not in code else \
+            "NameError: name 'xgb' is not defined\n  line 2: return xgb.f(2)"
+
+    answers = [_edit("    return 1", "    return xgb.f((2)"),
+               _edit("    return xgb.f((2)", "    return xgb.f(2)"),
+               _edit("    return xgb.f(2)", "    import xgboost as xgb\n    return xgb.f(2)")]
+    llm = ScriptedLLM(answers)
+    [proposal] = Optimizer(llm, edit_format="diff", repair_attempts=2).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0], precheck=precheck)
+    assert [a.invalid_reason for a in proposal.attempts] == [
+        "train_model: SyntaxError at line 2: '(' was never closed",
+        "the new version fails a quick run: NameError: name 'xgb' is not defined", None]
+    assert proposal.values["train_model"] == ("def train_model(dataset):\n    import xgboost as xgb"
+                                              "\n    return xgb.f(2)\n")
+    second, third = (llm.calls[i]["messages"][-1]["content"] for i in (1, 2))
+    assert "<train_model>\ndef train_model(dataset):\n    return xgb.f((2)\n</train_model>" in second
+    assert "    return xgb.f(2)\n</train_model>" in third and "line 2: return xgb.f(2)" in third
+    assert "copies lines of the values to fix shown just above" in third
+    # a repair that edits the current version instead is a new answer, and is read as one
+    llm = ScriptedLLM([answers[0], _edit("    return 1", "    return 3")])
+    [proposal] = Optimizer(llm, edit_format="diff", repair_attempts=1).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0], precheck=precheck)
+    assert proposal.valid and proposal.values["train_model"].endswith("    return 3\n")
 
 
 def test_an_invalid_answer_goes_back_with_its_reason_and_the_offending_lines():

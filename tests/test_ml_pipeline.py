@@ -95,6 +95,13 @@ def test_mlagentbench_layout_keeps_answers_in_the_loop_process():
     predict_columns = files["predict.csv"].splitlines()[0].split(",")
     assert "Transported" not in predict_columns and "PassengerId" in predict_columns
     assert "lower is better" not in task.objective and "score = accuracy" in task.objective
+    # the optimizer sees every feature column of the training rows, never the target
+    columns = task.objective.split("Columns of dataset.X (5563 training rows):\n")[1].splitlines()
+    assert len(columns) == 13 and "Transported" not in task.objective.split("Columns of")[1]
+    assert "- HomePlanet (text: Earth, Europa, Mars, 2% missing)" in columns
+    assert any(c.startswith("- Cabin (text, ") and "distinct values, e.g. " in c for c in columns)
+    assert any(c.startswith("- Age (number, 0 to 79") for c in columns)
+    assert any(c.startswith("- PassengerId (identifier, e.g. ") for c in columns)
     # the split ignores the loop seed, and follows split_seed
     again = PROJECT.build_task(config.replace(seed=7))
     assert (again._scopes["val"].score_rows == task._scopes["val"].score_rows).all()

@@ -282,7 +282,8 @@ class TabularTask(FixedSplits):
 
         self.floor = failure_floor(self.metric, self.labeled[target])
         self.thresholds = self._thresholds(stage_thresholds)
-        self.objective = self._objective(n_folds)
+        self.objective = self._objective(n_folds) + "\n" + describe_columns(
+            self._features(np.sort(train)), definition.id_column)
 
     # --- construction helpers -----------------------------------------------------------
     def _primary_metric(self, name: str | None) -> Metric:
@@ -677,6 +678,33 @@ def import_hint(error: str) -> str:
     if line is None:
         return error
     return f"{error} (it is installed: add `{line}` inside the function that uses it)"
+
+
+def describe_columns(X, id_column: str | None = None, limit: int = 100) -> str:
+    """One line per feature column of ``X`` (the training rows as the pipeline reads them): its
+    kind, its range or values (an example of free text), and the share missing. Without it the
+    optimizer knows the columns only by name: Qwen 1.5B proposed to "consider" columns the
+    pipeline already used and edited features it could not see."""
+    import pandas as pd
+
+    lines = []
+    for name in list(X.columns)[:limit]:
+        column = X[name]
+        present = column.dropna()
+        if name == id_column:
+            kind = f"identifier, e.g. {present.astype(str).iloc[0]}" if len(present) else "identifier"
+        elif pd.api.types.is_bool_dtype(column) or (len(present) and set(present.unique()) <= {True, False}):
+            kind = "true/false"
+        elif pd.api.types.is_numeric_dtype(column):
+            kind = f"number, {present.min():g} to {present.max():g}" if len(present) else "number"
+        else:
+            values = present.astype(str).value_counts()
+            kind = (f"text: {', '.join(values.index)}" if len(values) <= 6
+                    else f"text, {len(values)} distinct values, e.g. {values.index[0]}")
+        missing = f", {column.isna().mean():.0%} missing" if column.isna().any() else ""
+        lines.append(f"- {name} ({kind}{missing})")
+    more = f"\n- ... and {len(X.columns) - limit} more columns" if len(X.columns) > limit else ""
+    return f"Columns of dataset.X ({len(X)} training rows):\n" + "\n".join(lines) + more
 
 
 def _union(scope: _Scope) -> np.ndarray:
