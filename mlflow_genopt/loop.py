@@ -126,6 +126,8 @@ class LearningLoop:
         self._load_state_dict = getattr(task, "load_state_dict", None)
         hook = getattr(task, "precheck", None)
         self._precheck = hook if callable(hook) and config.precheck else None
+        fix = getattr(task, "quick_fix", None)
+        self._quick_fix = fix if callable(fix) else None
 
     def _emit(self, method: str, *args) -> None:
         dispatch(self.callbacks, method, *args)
@@ -284,13 +286,16 @@ class LearningLoop:
                  for i in range(config.candidates_per_step)]
         known = {h: f"{v.version.version_id} ({v.status} at step {v.version.step})"
                  for h, v in state.known().items()}
-        precheck = None
+        precheck = quick_fix = None
         if self._precheck is not None:
             def precheck(values, hook=self._precheck, parent=parent, step=step):
                 return hook(parent.child(values, step))
+            if self._quick_fix is not None:
+                def quick_fix(values, problem, hook=self._quick_fix, parent=parent, step=step):
+                    return hook(parent.child(values, step), problem)
         draft = self.optimizer.step(self.task.objective, self.spec, parent, trials,
                                     list(memory) if config.memory_size else [], seeds=seeds,
-                                    known=known, precheck=precheck)
+                                    known=known, precheck=precheck, quick_fix=quick_fix)
         context, proposals = draft.context, draft.proposals
 
         candidates: list[CandidateRecord] = []

@@ -55,6 +55,10 @@ _FAILED_QUICK_RUN = "a proposal of this step that failed the quick run (precheck
 # A task's cheap run of a candidate's values: None when it works, else the error (first line)
 # and its detail (e.g. the traceback tail), which go back to the optimizer as a repair.
 Precheck = Callable[[Mapping[str, str]], "str | None"]
+# A task's mechanical fix of a precheck problem (Task.quick_fix): the complete fixed values and a
+# note, or None. Tried before the problem goes back to the optimizer.
+QuickFix = Callable[[Mapping[str, str], str], "tuple[Mapping[str, str], str] | None"]
+_QUICK_FIXES = 3  # fixes in a row for one answer (each fixes one name, say)
 
 
 @dataclass(frozen=True)
@@ -129,13 +133,14 @@ class Optimizer:
     # --- one update -------------------------------------------------------------------------
     def step(self, objective: str, spec: ArtifactSpec, current: ArtifactVersion,
              trials: Sequence[Trial], memory: Sequence[MemoryEntry], *, seeds: Sequence[int],
-             known: Mapping[str, str] = {}, precheck: Precheck | None = None) -> Draft:
+             known: Mapping[str, str] = {}, precheck: Precheck | None = None,
+             quick_fix: QuickFix | None = None) -> Draft:
         """One update: the context (shrunk as needed) and one proposal per seed. ``known`` maps
         the content hash of every version the loop has evaluated to a description."""
         for level in range(len(SHRINK_LEVELS)):
             context = self.build_context(objective, spec, current, trials, memory, level)
             proposals = self.propose_candidates(context, spec, current, seeds=seeds, known=known,
-                                                precheck=precheck)
+                                                precheck=precheck, quick_fix=quick_fix)
             too_long = all(p.attempts and p.attempts[0].raw == "" and p.invalid_reason
                            and p.invalid_reason.startswith("learning context too long")
                            for p in proposals)
@@ -146,7 +151,8 @@ class Optimizer:
     def propose_candidates(self, context: Sequence[Mapping[str, str]], spec: ArtifactSpec,
                            current: ArtifactVersion, *, seeds: Sequence[int],
                            known: Mapping[str, str] = {},
-                           precheck: Precheck | None = None) -> list[Proposal]:
+                           precheck: Precheck | None = None,
+                           quick_fix: QuickFix | None = None) -> list[Proposal]:
         """One proposal per seed, each repaired up to ``repair_attempts`` times. Rounds run the
         candidates' calls concurrently and check the answers in candidate order, so the result
         does not depend on which call finished first."""
@@ -174,7 +180,7 @@ class Optimizer:
                 raw = completion.text
                 try:
                     values, reasoning, repairs = self._check(raw, completion, spec, current, seen,
-                                                             precheck, fixing[i])
+                                                             precheck, fixing[i], quick_fix)
                 except InvalidProposal as exc:
                     attempts[i].append(Attempt(raw, str(exc), followups[i],
                                                completion.finish_reason, seed))
@@ -214,7 +220,7 @@ class Optimizer:
 
     def _check(self, raw: str, completion: Completion, spec: ArtifactSpec,
                current: ArtifactVersion, seen: dict[str, str], precheck: Precheck | None = None,
-               fixing: Mapping[str, str] = {}):
+               fixing: Mapping[str, str] = {}, quick_fix: QuickFix | None = None):
         """The values ``raw`` changes (against ``current``), its reasoning and the repairs made,
         or :class:`InvalidProposal`. ``fixing``: the failed values a repair answer edits (a
         parameter it leaves out keeps its ``fixing`` value)."""
@@ -264,6 +270,13 @@ class Optimizer:
             raise InvalidProposal(f"proposal is identical to {seen[digest]}; propose a different change")
         if precheck is not None:
             problem = precheck({**current.values, **changed})
+            if problem and quick_fix is not None:
+                fixed, notes = self._quick_fixes(spec, current, changed, problem, seen, precheck,
+                                                 quick_fix)
+                if fixed is not None:  # adopted only when the quick run passes
+                    seen[digest] = _FAILED_QUICK_RUN
+                    changed, digest, problem = fixed, content_hash({**current.values, **fixed}), None
+                    repairs.extend(notes)
             if problem:
                 seen[digest] = _FAILED_QUICK_RUN
                 first, _, rest = problem.strip().partition("\n")
@@ -271,6 +284,29 @@ class Optimizer:
                 failed.values = changed
                 raise failed
         return changed, answer.reasoning, tuple(repairs)
+
+    @staticmethod
+    def _quick_fixes(spec: ArtifactSpec, current: ArtifactVersion, changed: Mapping[str, str],
+                     problem: str, seen: Mapping[str, str], precheck: Precheck,
+                     quick_fix: QuickFix) -> tuple[dict[str, str] | None, list[str]]:
+        """The task's fixes of ``problem``, one after another while each finds something to fix:
+        the changed values once the quick run passes, with the fixes' notes; ``None`` when it
+        still fails (the optimizer then repairs its own values, not the fixes)."""
+        notes: list[str] = []
+        for _ in range(_QUICK_FIXES):
+            fix = quick_fix({**current.values, **changed}, problem)
+            if fix is None:
+                return None, []
+            values, note = fix
+            fixed = {p.name: values[p.name] for p in spec.trainable
+                     if values.get(p.name, current.values[p.name]) != current.values[p.name]}
+            if fixed == changed or content_hash({**current.values, **fixed}) in seen:
+                return None, []
+            changed, problem = fixed, precheck({**current.values, **fixed})
+            notes.append(note)
+            if not problem:
+                return dict(changed), notes
+        return None, []
 
     def _repair_messages(self, errors: Sequence[InvalidProposal],
                          fixing: Mapping[str, str] = {}) -> list[dict[str, str]]:

@@ -161,6 +161,11 @@ class Task(Protocol):
       line and detail (a traceback tail) after it. A failure is sent back to the optimizer as a
       repair instead of costing a scored trial (loop config ``precheck``, default true). It
       must run generated code the way ``evaluate`` does (in the sandbox), never in-process.
+    * ``quick_fix(version, problem) -> tuple[dict[str, str], str] | None`` -- a mechanical fix
+      of a ``precheck`` problem (e.g. the import of a name the environment has): the complete
+      new values and a one-line note, or ``None``. The fixed values are prechecked again and,
+      when they work, adopted in place of the answer's with the note recorded as a repair (the
+      optimizer's answer is never run in-process to make the fix).
     """
 
     name: str

@@ -267,6 +267,34 @@ def test_a_candidate_failing_the_precheck_is_repaired_with_the_error_and_not_re_
     assert len(runs) == 2 and proposal.values["train_model"].endswith("return 7\n")  # not re-run
 
 
+def test_a_task_quick_fix_is_prechecked_and_adopted_as_a_repair_without_asking_the_optimizer():
+    def precheck(values):
+        code = values["train_model"]
+        missing = [n for n in ("np", "pd") if f"{n}." in code and f"import {n}" not in code]
+        return f"NameError: name '{missing[0]}' is not defined\n  line 2" if missing else None
+
+    def quick_fix(values, problem):  # one import per call, as a task would add them
+        name = problem.split("'")[1]
+        code = values["train_model"].replace("(dataset):\n", f"(dataset):\n    import {name}\n", 1)
+        return {**values, "train_model": code}, f"added import {name}"
+
+    llm = ScriptedLLM([_edit("    return 1", "    return np.f(pd.g())")])
+    [proposal] = Optimizer(llm, edit_format="diff", repair_attempts=1).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0], precheck=precheck,
+        quick_fix=quick_fix)
+    assert proposal.valid and len(llm.calls) == 1
+    assert proposal.repairs == ("added import np", "added import pd")
+    assert proposal.values["train_model"] == ("def train_model(dataset):\n    import pd\n    import np\n"
+                                              "    return np.f(pd.g())\n")
+    # a fix that does not make the quick run pass goes back to the optimizer as a repair
+    llm = ScriptedLLM([_edit("    return 1", "    return np.f()"), _edit("    return np.f()", "    return 5")])
+    [proposal] = Optimizer(llm, edit_format="diff", repair_attempts=1).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0], precheck=precheck,
+        quick_fix=lambda values, problem: ({"train_model": values["train_model"] + "# np.\n"}, "no"))
+    assert proposal.valid and proposal.values["train_model"].endswith("return 5\n")
+    assert proposal.attempts[0].invalid_reason.startswith("the new version fails a quick run: NameError")
+
+
 def test_an_answer_in_another_format_is_understood_and_the_repair_recorded():
     as_json = json.dumps({"reasoning": "r", "train_model": "def train_model(dataset):\n    return 4\n"})
     optimizer = Optimizer(ScriptedLLM([as_json]), edit_format="tagged", repair_attempts=0)

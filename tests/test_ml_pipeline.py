@@ -476,34 +476,51 @@ def test_misbehaving_training_code_is_contained_and_the_loop_finishes(monkeypatc
 
 
 MISSING_IMPORT = SCALED_LOGISTIC_ONE.replace("    from sklearn.linear_model import LogisticRegression\n", "")
+WRONG_KEYWORD = SCALED_LOGISTIC_ONE.replace("max_iter=2000", "max_iters=2000")
 
 
-def test_a_crashing_candidate_goes_back_as_a_repair_with_its_traceback_and_is_never_scored(tmp_path):
+def test_a_missing_import_is_added_and_a_crash_goes_back_as_a_repair_never_scored(tmp_path):
     task = PROJECT.build_task(PROJECT.config(task="breast-cancer", task_options=_fast()))
     start = ArtifactVersion(dict(STARTING_ARTIFACTS["one_function"].values), 0)
     assert task.precheck(start) is None
-    problem = task.precheck(ArtifactVersion({"train_model": MISSING_IMPORT}, 1, parent_id="v0"))
+    broken = ArtifactVersion({"train_model": MISSING_IMPORT}, 1, parent_id="v0")
+    problem = task.precheck(broken)
     assert problem.splitlines()[0] == (
         "NameError: name 'LogisticRegression' is not defined (it is installed: add "
         "`from sklearn.linear_model import LogisticRegression` inside the function that uses it)")
     assert "LogisticRegression(max_iter" in problem  # the offending line, from the traceback
+    values, note = task.quick_fix(broken, problem)
+    assert note == ("added `from sklearn.linear_model import LogisticRegression` to train_model "
+                    "(NameError: LogisticRegression)")
+    assert values["train_model"].startswith(
+        'def train_model(dataset):\n    """Training: scaled logistic regression on every column but '
+        'the identifier."""\n    from sklearn.linear_model import LogisticRegression\n')
+    assert task.precheck(ArtifactVersion(values, 1, parent_id="v0")) is None
+    assert task.quick_fix(ArtifactVersion({"train_model": WRONG_KEYWORD}, 1), "TypeError: x") is None
 
+    # step 1: the missing import is added (a repair of the candidate, no optimizer call); step 2:
+    # a crash no fix knows goes back to the optimizer with the traceback and the failed code
     optimizer = ScriptedLLM([_answer("drop", train_model=MISSING_IMPORT),
+                             _answer("typo", train_model=WRONG_KEYWORD),
                              _answer("fixed", train_model=SCALED_LOGISTIC_ONE)])
-    config = PROJECT.config(task="breast-cancer", steps=1, acceptance="always", edit_format="json",
+    config = PROJECT.config(task="breast-cancer", steps=2, acceptance="always", edit_format="json",
                             task_options=_fast())
     result = run_loop(config, tracking=None, cache_dir=None, optimizer_llm=optimizer,
                       export_dir=tmp_path / "export")
-    [candidate] = result.steps[0].candidates
-    first, repaired = candidate.attempts
-    assert first.invalid_reason.startswith("the new version fails a quick run: NameError: name "
-                                           "'LogisticRegression' is not defined")
-    assert repaired.invalid_reason is None and candidate.valid and not candidate.first_try_valid
-    followup = optimizer.calls[1]["messages"][-1]["content"]
-    assert "fails a quick run: NameError" in followup and "LogisticRegression(max_iter" in followup
+    [fixed], [crashed] = (step.candidates for step in result.steps)
+    assert fixed.first_try_valid and fixed.repairs == (note,)
+    assert fixed.proposal["train_model"] == values["train_model"]
+    first, repaired = crashed.attempts
+    assert first.invalid_reason.startswith("the new version fails a quick run: TypeError")
+    assert "max_iters" in first.invalid_reason
+    assert repaired.invalid_reason is None and crashed.valid and not crashed.first_try_valid
+    followup = optimizer.calls[2]["messages"][-1]["content"]
+    assert "fails a quick run: TypeError" in followup and "LogisticRegression(max_iters" in followup
+    assert "<train_model>\n" + WRONG_KEYWORD.rstrip() + "\n</train_model>" in followup
+    assert len(optimizer.calls) == 3
     assert result.versions[-1].status == "accepted" and result.versions[-1].val_score > 0.88
-    # scored trials: the starting version's and the repaired candidate's only
-    assert all(t.error is None for t in result.steps[0].candidate_trials)
+    # scored trials: the starting version's and the two valid candidates' only
+    assert all(t.error is None for step in result.steps for t in step.candidate_trials)
 
 
 @needs_data

@@ -67,6 +67,7 @@ code.
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
@@ -383,6 +384,27 @@ class TabularTask(FixedSplits):
         detail = _tail(_without_harness_frames(outcome.traceback), 8, 900) if outcome.traceback else ""
         return f"{outcome.error}\n{detail}".strip()
 
+    def quick_fix(self, version: ArtifactVersion, problem: str) -> tuple[dict[str, str], str] | None:
+        """The fix of a ``NameError`` for a name this environment can import (see
+        :func:`import_hint`): the import added at the top of each function that uses the name.
+        Qwen 1.5B, shown the error with the import to add, reverted its change instead in 2 of
+        2 such repairs on Spaceship Titanic."""
+        match = re.match(r"NameError: name '(\w+)' is not defined", problem)
+        line = match and _import_line(match.group(1))
+        if not line:
+            return None
+        values, fixed = dict(version.values), []
+        for parameter in self.spec.parameters:
+            if parameter.kind != "code" or parameter.name not in values:
+                continue
+            new = add_import(values[parameter.name], parameter.expected_function, match.group(1), line)
+            if new is not None:
+                values[parameter.name] = new
+                fixed.append(parameter.name)
+        if not fixed:
+            return None
+        return values, f"added `{line}` to {', '.join(fixed)} (NameError: {match.group(1)})"
+
     # --- the time limit: the task's state ---------------------------------------------------
     def trial_key(self, example: Example, context: EvalContext | None = None) -> str | None:
         """The example id; ``None`` (not cached) for the starting version's validation while
@@ -666,18 +688,43 @@ def _sklearn_names() -> dict[str, str]:
     return names
 
 
+def _import_line(name: str) -> str | None:
+    return _IMPORTABLE.get(name) or _sklearn_names().get(name)
+
+
 def import_hint(error: str) -> str:
     """``error`` with the import to add when it is a ``NameError`` for a name this environment
     can import (pandas, numpy, xgboost, any scikit-learn estimator): Qwen 1.5B, told only that
     ``XGBClassifier`` is not defined, concluded that xgboost was not installed and reverted."""
     match = re.match(r"NameError: name '(\w+)' is not defined", error)
-    if not match:
-        return error
-    name = match.group(1)
-    line = _IMPORTABLE.get(name) or _sklearn_names().get(name)
-    if line is None:
+    line = match and _import_line(match.group(1))
+    if not line:
         return error
     return f"{error} (it is installed: add `{line}` inside the function that uses it)"
+
+
+def add_import(source: str, function: str, name: str, line: str) -> str | None:
+    """``source`` with ``line`` as the first statement of ``function`` (after its docstring), when
+    that function reads ``name``; ``None`` when it does not, or the source cannot be edited so."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    node = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.name == function), None)
+    if node is None or not any(isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
+                               for n in ast.walk(node)):
+        return None
+    body = node.body
+    docstring = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                 and isinstance(body[0].value.value, str))
+    first = body[1] if docstring and len(body) > 1 else body[0]
+    if first.lineno == node.lineno or (docstring and first is body[0]):
+        return None  # a one-line function, or nothing after the docstring
+    lines = source.splitlines(keepends=True)
+    at = first.lineno - 1
+    indent = lines[at][:len(lines[at]) - len(lines[at].lstrip())]
+    return "".join(lines[:at] + [f"{indent}{line}\n"] + lines[at:])
 
 
 def describe_columns(X, id_column: str | None = None, limit: int = 100) -> str:
