@@ -7,7 +7,8 @@ determinism), an empty batch, and a deliberately broken version of every trainab
 parameter (the broken code also tries to leave a mark in the caller's environment: generated
 code must never run in the loop's process); it round-trips the optional hooks
 (``state_dict``/``load_state_dict``, ``end_step``, ``trial_key``), runs ``precheck`` on the
-starting and the broken version, and calls ``close`` twice.
+starting and the broken version (and ``quick_fix`` on the broken one's problem), and calls
+``close`` twice.
 """
 
 from __future__ import annotations
@@ -222,6 +223,21 @@ def _check_precheck(task: Any, initial: ArtifactVersion, broken: ArtifactVersion
                                "the error as a string")
     if "precheck" not in report.checked:
         report.checked.append("precheck")
+    quick_fix = getattr(task, "quick_fix", None)
+    if callable(quick_fix) and isinstance(fails, str):
+        try:
+            fix = quick_fix(broken, fails)
+        except Exception as exc:  # noqa: BLE001 - a hook that raises is the finding
+            report.problems.append(f"quick_fix raised {type(exc).__name__}: {exc}; it must return "
+                                   "None or (values, note)")
+            return
+        if fix is not None and not (
+                isinstance(fix, tuple) and len(fix) == 2 and isinstance(fix[0], Mapping)
+                and set(fix[0]) == set(broken.values) and isinstance(fix[1], str)):
+            report.problems.append("quick_fix: must return None or (values, note): every "
+                                   f"parameter's value and a one-line note, got {fix!r:.120}")
+        if "quick_fix" not in report.checked:
+            report.checked.append("quick_fix")
 
 
 def _check_hooks(task: Any, initial: ArtifactVersion, train: list[Example],

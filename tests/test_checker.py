@@ -29,7 +29,7 @@ def test_bbeh_passes_the_contract():
 def test_ml_pipeline_passes_the_contract():
     report = _check("ml_pipeline", task="breast-cancer", init="many_function",
                     task_options={"max_train_rows": 80, "n_folds": 2, "memory_mb": 2048})
-    assert report.ok and "precheck" in report.checked, report
+    assert report.ok and "precheck" in report.checked and "quick_fix" in report.checked, report
 
 
 @pytest.mark.parametrize("continue_episode", [False, True])
@@ -105,3 +105,24 @@ def test_a_precheck_that_passes_a_raising_version_is_named():
         check_task(task, {"score": "def score(text):\n    return 1.0\n"})
     report = check_task(task, {"score": "def score(text):\n    return 1.0\n"}, raise_on_problem=False)
     assert any(p.startswith("precheck passed a version whose score raises") for p in report.problems), report
+
+
+class BadQuickFix(WordTask):
+    """Its quick_fix returns the fixed code alone, not every parameter's value and a note."""
+
+    spec = ArtifactSpec((Parameter("score", "code", "score(text) -> float"),))
+
+    def evaluate(self, version, examples, context=None):
+        return [Trial(e.id, e.input, "", 0.0, "ok") for e in examples]
+
+    def precheck(self, version):
+        return None if "return 1.0" in version.values["score"] else "RuntimeError: broken"
+
+    def quick_fix(self, version, problem):
+        return "def score(text):\n    return 1.0\n"
+
+
+def test_a_quick_fix_that_breaks_its_contract_is_named():
+    report = check_task(BadQuickFix(), {"score": "def score(text):\n    return 1.0\n"},
+                        raise_on_problem=False)
+    assert any(p.startswith("quick_fix: must return None or (values, note)") for p in report.problems), report
