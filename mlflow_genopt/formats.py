@@ -16,6 +16,10 @@
   parameter than the one it names edits that one. A block that matches nothing, or more than
   one place, is an invalid proposal whose reason quotes the nearest lines. Lines copied from a
   repair's numbered excerpt (``   21 | code``) lose the number gutter first.
+  When some blocks apply and others match nothing (or several places), the answer is the
+  blocks that apply and each left-out block is noted as a repair, as aider applies the edits
+  that match (the candidate is still checked and prechecked whole); blocks that change nothing
+  (REPLACE equal to SEARCH) and repeated blocks are skipped.
   An empty SEARCH part replaces the whole value when parsing (the instructions do not offer it,
   and the grammar does not allow it: weak models wrote one to mean "insert somewhere").
 
@@ -47,6 +51,7 @@ class Answer:
 
     values: Mapping[str, str]
     reasoning: str
+    notes: tuple[str, ...] = ()  # what parsing left out (recorded as repairs of the candidate)
 
 
 @dataclass(frozen=True)
@@ -327,6 +332,8 @@ class DiffFormat(EditFormat):
         only = next(iter(trainable)) if len(trainable) == 1 else None
         values = {p.name: current.values[p.name] for p in spec.trainable}
         edited: set[str] = set()
+        missed: list[InvalidProposal] = []
+        seen_blocks: set[tuple[str, str, str]] = set()
         for number, block in enumerate(blocks, 1):
             name = block.group("name") or only
             if name not in trainable:
@@ -335,15 +342,29 @@ class DiffFormat(EditFormat):
                     f"{', '.join(sorted(trainable))}")
             search, replacement = _ungutter(block.group("search"), block.group("replace"),
                                             current.values)
+            if search.rstrip() == replacement.rstrip() or (name, search, replacement) in seen_blocks:
+                continue  # changes nothing: Qwen 1.5B repeated no-op blocks to the block limit
+            seen_blocks.add((name, search, replacement))
             try:  # exact matches first, in the named parameter, then in another one
                 values[name] = apply_edit(values[name], search, replacement, name, number,
                                           fuzzy=False)
             except InvalidProposal:
-                name = _owner(values, search, name) or name
-                values[name] = apply_edit(values[name], search, replacement, name, number)
+                owner = _owner(values, search, name) or name
+                try:
+                    values[owner] = apply_edit(values[owner], search, replacement, owner, number)
+                except InvalidProposal as exc:
+                    missed.append(exc)
+                    continue
+                name = owner
             edited.add(name)
+        if missed and not edited:
+            raise missed[0]
+        if not edited:
+            raise InvalidProposal("every edit block changes nothing (its REPLACE part equals its "
+                                  "SEARCH part)")
         reasoning = _block(text, "reasoning") or ""
-        return Answer({name: values[name] for name in edited}, reasoning.strip()[:REASONING_CHARS])
+        return Answer({name: values[name] for name in edited}, reasoning.strip()[:REASONING_CHARS],
+                      tuple(f"left out edit block: {exc}" for exc in missed))
 
 
 def _ungutter(search: str, replacement: str, values: Mapping[str, str]) -> tuple[str, str]:

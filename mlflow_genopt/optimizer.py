@@ -240,7 +240,7 @@ class Optimizer:
                                   "before it was complete; write a shorter answer")
         written = {**fixing, **answer.values}
         changed: dict[str, str] = {}
-        repairs: list[str] = [fallback] if fallback else []
+        repairs: list[str] = ([fallback] if fallback else []) + list(answer.notes)
         for parameter in spec.trainable:
             if parameter.name not in written:
                 continue

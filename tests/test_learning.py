@@ -180,6 +180,25 @@ def test_a_diff_repair_asks_for_lines_of_the_current_value_not_complete_values()
     assert "each SEARCH part copies lines of the current value" in followup
 
 
+def test_diff_blocks_that_apply_are_kept_and_the_others_noted_no_op_blocks_skipped():
+    current = ArtifactVersion({"train_model": "def train_model(dataset):\n    a = 1\n    return a\n"}, 0)
+    noop = "<<<<<<< SEARCH train_model\n    return a\n=======\n    return a\n>>>>>>> REPLACE\n"
+    raw = (_edit("    a = 1", "    a = 2") + noop * 3
+           + "<<<<<<< SEARCH train_model\n    predictions = [false]\n=======\n    predictions = [False]\n"
+             ">>>>>>> REPLACE\n")
+    llm = ScriptedLLM([raw])
+    [proposal] = Optimizer(llm, edit_format="diff").propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, current, seeds=[0])
+    assert proposal.valid and proposal.values["train_model"] == current.values["train_model"].replace("1", "2")
+    assert proposal.repairs == ("left out edit block: train_model: SEARCH block 5 matches nothing in "
+                                "the current value",)
+    # nothing applies: the first miss is the reason; only no-op blocks: said so
+    with pytest.raises(InvalidProposal, match="SEARCH block 1 matches nothing"):
+        DiffFormat().parse(_edit("    b = 1", "    b = 2") + noop, SPEC, current)
+    with pytest.raises(InvalidProposal, match="every edit block changes nothing"):
+        DiffFormat().parse(noop, SPEC, current)
+
+
 def test_code_that_fails_after_parsing_is_repaired_from_that_code_or_by_a_new_edit():
     # a syntax error, then the quick run: each repair shows the code that failed, and its edits
     # apply to that code (both changes are kept); an edit of the current version is read too
