@@ -248,10 +248,9 @@ class Optimizer:
                 value, fixed = validate_value(parameter, written[parameter.name])
             except InvalidProposal as exc:
                 if exc.detail and parameter.kind == "code":  # a syntax error: fix this code
-                    exc.values = {**changed, **{
-                        name: v for name, v in ((n, strip_fences(w).strip("\n") + "\n")
-                                                for n, w in written.items() if n not in changed)
-                        if v.rstrip() != current.values[name].rstrip()}}
+                    made = {n: strip_fences(w).strip("\n") + "\n" for n, w in written.items()}
+                    exc.values = {n: v for n, v in {**made, **changed}.items()
+                                  if v.rstrip() != current.values[n].rstrip()}
                 raise
             repairs.extend(fixed)
             # the value ends as the current one does: blocks drop the final newline, and a
