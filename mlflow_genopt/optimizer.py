@@ -270,11 +270,11 @@ class Optimizer:
         if precheck is not None:
             problem = precheck({**current.values, **changed})
             if problem and quick_fix is not None:
-                fixed, notes = self._quick_fixes(spec, current, changed, problem, seen, precheck,
-                                                 quick_fix)
-                if fixed is not None:  # adopted only when the quick run passes
+                fixed, problem, notes = self._quick_fixes(spec, current, changed, problem, seen,
+                                                          precheck, quick_fix)
+                if notes:  # kept: each fix made the quick run pass or fail later
                     seen[digest] = _FAILED_QUICK_RUN
-                    changed, digest, problem = fixed, content_hash({**current.values, **fixed}), None
+                    changed, digest = fixed, content_hash({**current.values, **fixed})
                     repairs.extend(notes)
             if problem:
                 seen[digest] = _FAILED_QUICK_RUN
@@ -287,25 +287,29 @@ class Optimizer:
     @staticmethod
     def _quick_fixes(spec: ArtifactSpec, current: ArtifactVersion, changed: Mapping[str, str],
                      problem: str, seen: Mapping[str, str], precheck: Precheck,
-                     quick_fix: QuickFix) -> tuple[dict[str, str] | None, list[str]]:
-        """The task's fixes of ``problem``, one after another while each finds something to fix:
-        the changed values once the quick run passes, with the fixes' notes; ``None`` when it
-        still fails (the optimizer then repairs its own values, not the fixes)."""
-        notes: list[str] = []
+                     quick_fix: QuickFix) -> tuple[dict[str, str], str | None, list[str]]:
+        """The task's fixes of the quick run's problems, one after another: the changed values,
+        the problem left (``None`` once the quick run passes) and the fixes' notes. A fix is
+        kept when the problem it fixed is gone (the quick run passes, or fails later, e.g. on
+        the next missing import), and dropped when the same problem comes back."""
+        changed, notes = dict(changed), []
         for _ in range(_QUICK_FIXES):
             fix = quick_fix({**current.values, **changed}, problem)
             if fix is None:
-                return None, []
+                break
             values, note = fix
             fixed = {p.name: values[p.name] for p in spec.trainable
                      if values.get(p.name, current.values[p.name]) != current.values[p.name]}
             if fixed == changed or content_hash({**current.values, **fixed}) in seen:
-                return None, []
-            changed, problem = fixed, precheck({**current.values, **fixed})
+                break
+            after = precheck({**current.values, **fixed})
+            if after and after.partition("\n")[0] == problem.partition("\n")[0]:
+                break
+            changed, problem = fixed, after
             notes.append(note)
             if not problem:
-                return dict(changed), notes
-        return None, []
+                break
+        return changed, problem, notes
 
     def _repair_messages(self, errors: Sequence[InvalidProposal],
                          fixing: Mapping[str, str] = {}) -> list[dict[str, str]]:

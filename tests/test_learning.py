@@ -293,6 +293,8 @@ def test_a_task_quick_fix_is_prechecked_and_adopted_as_a_repair_without_asking_t
         return f"NameError: name '{missing[0]}' is not defined\n  line 2" if missing else None
 
     def quick_fix(values, problem):  # one import per call, as a task would add them
+        if not problem.startswith("NameError"):
+            return None
         name = problem.split("'")[1]
         code = values["train_model"].replace("(dataset):\n", f"(dataset):\n    import {name}\n", 1)
         return {**values, "train_model": code}, f"added import {name}"
@@ -312,6 +314,18 @@ def test_a_task_quick_fix_is_prechecked_and_adopted_as_a_repair_without_asking_t
         quick_fix=lambda values, problem: ({"train_model": values["train_model"] + "# np.\n"}, "no"))
     assert proposal.valid and proposal.values["train_model"].endswith("return 5\n")
     assert proposal.attempts[0].invalid_reason.startswith("the new version fails a quick run: NameError")
+    # a fix that gets the quick run past its problem is kept, and the next problem goes back
+    # with the fixed code
+    def later(values):
+        return precheck(values) or ("ValueError: bad shape" if "f(1)" in values["train_model"] else None)
+
+    llm = ScriptedLLM([_edit("    return 1", "    return np.f(1)"), _edit("    return np.f(1)", "    return np.f(2)")])
+    [proposal] = Optimizer(llm, edit_format="diff", repair_attempts=1).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0], precheck=later,
+        quick_fix=quick_fix)
+    assert proposal.attempts[0].invalid_reason == "the new version fails a quick run: ValueError: bad shape"
+    assert "    import np\n    return np.f(1)\n</train_model>" in llm.calls[1]["messages"][-1]["content"]
+    assert proposal.valid and proposal.values["train_model"].endswith("import np\n    return np.f(2)\n")
 
 
 def test_an_answer_in_another_format_is_understood_and_the_repair_recorded():
