@@ -164,7 +164,8 @@ class LoopConfig:
         back with its reason before the candidate counts as invalid. ``precheck`` (default
         true): a candidate is first run by the task's cheap ``precheck`` hook (where it has
         one, e.g. the ML pipeline fits 240 rows and predicts 60) and a failure goes back as a
-        repair with the error, before any scoring. ``candidates_per_step``: candidates drawn
+        repair with the error and the failed values to fix, before any scoring (a task's
+        ``quick_fix`` hook may fix it mechanically first, e.g. a missing import). ``candidates_per_step``: candidates drawn
         per step; each valid one is scored on the batch and the best goes through acceptance.
         ``selection``: which adopted version a step improves: ``current`` (the latest), ``best``
         (best validation score) or ``pareto`` (drawn from the per-example Pareto frontier).
