@@ -23,6 +23,7 @@ import pytest
 from genopt_projects.ml_pipeline import PROJECT, STARTING_ARTIFACTS
 from genopt_projects.ml_pipeline.artifacts import ONE_FUNCTION_DOCSTRING, STAGES
 from genopt_projects.ml_pipeline.metrics import canonical_label, score_predictions
+from genopt_projects.ml_pipeline.task import describe_columns
 from mlflow_genopt import ArtifactVersion, ConfigError
 from mlflow_genopt.llm.scripted import ScriptedLLM
 from mlflow_genopt.optimizer import validate_value
@@ -102,6 +103,8 @@ def test_mlagentbench_layout_keeps_answers_in_the_loop_process():
     assert any(c.startswith("- Cabin (text, ") and "distinct values, e.g. " in c for c in columns)
     assert any(c.startswith("- Age (number, 0 to 79") for c in columns)
     assert any(c.startswith("- PassengerId (identifier, e.g. ") for c in columns)
+    assert "- CryoSleep (true/false, 3% missing)" in columns
+    assert describe_columns(pd.DataFrame({"flag": [0, 1, 1, 0]})).endswith("- flag (number, 0 to 1)")
     # the split ignores the loop seed, and follows split_seed
     again = PROJECT.build_task(config.replace(seed=7))
     assert (again._scopes["val"].score_rows == task._scopes["val"].score_rows).all()

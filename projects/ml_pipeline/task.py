@@ -387,8 +387,9 @@ class TabularTask(FixedSplits):
     def quick_fix(self, version: ArtifactVersion, problem: str) -> tuple[dict[str, str], str] | None:
         """The fix of a ``NameError`` for a name this environment can import (see
         :func:`import_hint`): the import added at the top of each function that uses the name.
-        Qwen 1.5B, shown the error with the import to add, reverted its change instead in 2 of
-        2 such repairs on Spaceship Titanic."""
+        Qwen 1.5B, shown the error with the import to add, did not add it in either repair seen
+        on Spaceship Titanic (it searched the current version for the import line, then it
+        reverted its change)."""
         match = re.match(r"NameError: name '(\w+)' is not defined", problem)
         line = match and _import_line(match.group(1))
         if not line:
@@ -740,7 +741,8 @@ def describe_columns(X, id_column: str | None = None, limit: int = 100) -> str:
         present = column.dropna()
         if name == id_column:
             kind = f"identifier, e.g. {present.astype(str).iloc[0]}" if len(present) else "identifier"
-        elif pd.api.types.is_bool_dtype(column) or (len(present) and set(present.unique()) <= {True, False}):
+        elif pd.api.types.is_bool_dtype(column) or (
+                len(present) and all(isinstance(v, (bool, np.bool_)) for v in present.unique())):
             kind = "true/false"
         elif pd.api.types.is_numeric_dtype(column):
             kind = f"number, {present.min():g} to {present.max():g}" if len(present) else "number"
