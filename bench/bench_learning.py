@@ -16,7 +16,7 @@ steps. GEPA is never a project dependency: it is installed into a separate virtu
 (``.bench/gepa-venv``, which sees this project's environment read-only through a ``.pth`` file)
 and run there as a subprocess.
 
-Results are appended to ``.bench/learning.jsonl`` (one line per run, keyed by study, model, cell
+Results are appended to ``bench/results/learning.jsonl`` (committed; one line per run, keyed by study, model, cell
 and seed; a key already there is not run again, so an interrupted benchmark continues) and the
 table is printed at the end (``--table`` prints it without running anything). LLM answers are
 cached in ``.bench/cache`` (a rerun with the same seed replays them).
@@ -48,7 +48,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 OUT = ROOT / ".bench"
-RESULTS = OUT / "learning.jsonl"
+# Results are committed (a row per run, keyed by study, model, cell, seed and steps, with the
+# commit measured): a session's machine is not kept, so a table built over several sessions
+# lives in the repository. Each run's every attempt goes to .bench/runs (not committed).
+RESULTS = ROOT / "bench" / "results" / "learning.jsonl"
 
 # The studies: project, overrides. BBEH runs the real boolean_expressions task with the GEPA
 # comparison's splits (20 train, 40 validation, 60 test); the ML pipeline runs Spaceship Titanic (MLAgentBench split); Atari runs Pong with the
@@ -110,7 +113,9 @@ def code_version() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
     commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    return commit + ("+" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)bench/results").strip()
+    return commit + ("+" if changed else "")
 
 
 def done_keys() -> set[str]:
@@ -120,7 +125,7 @@ def done_keys() -> set[str]:
 
 
 def append(row: dict) -> None:
-    OUT.mkdir(exist_ok=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
