@@ -11,13 +11,13 @@ fixed number of steps and records:
 * test score of the selected version; optimizer calls, task-model calls, wall time.
 
 ``--gepa`` runs GEPA 0.1.4 on each BBEH ``prompt_only`` study given, with the same task, splits,
-exact-match scorer, seed prompt, task model and reflection model, with the same number of reflection (optimizer) calls as genopt's
-steps. GEPA is never a project dependency: it is installed into a separate virtual environment
+exact-match scorer, seed prompt, task model and reflection model, with the same number of
+reflection (optimizer) calls as genopt's steps. GEPA is never a project dependency: it is installed into a separate virtual environment
 (``.bench/gepa-venv``, which sees this project's environment read-only through a ``.pth`` file)
 and run there as a subprocess.
 
-Results are appended to ``bench/results/learning.jsonl`` (committed; one line per run, keyed by study, model, cell
-and seed; a key already there is not run again, so an interrupted benchmark continues) and the
+Results are appended to ``bench/results/learning.jsonl`` (committed; one line per run, keyed by
+study, model, cell and seed; a key already there is not run again, so an interrupted benchmark continues) and the
 table is printed at the end (``--table`` prints it without running anything). LLM answers are
 cached in ``.bench/cache`` (a rerun with the same seed replays them).
 
