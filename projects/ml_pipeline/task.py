@@ -709,7 +709,7 @@ def add_import(source: str, function: str, name: str, line: str) -> str | None:
     that function reads ``name``; ``None`` when it does not, or the source cannot be edited so."""
     try:
         tree = ast.parse(source)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # hostile input: no fix
         return None
     node = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
                  and n.name == function), None)
