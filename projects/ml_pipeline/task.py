@@ -390,7 +390,7 @@ class TabularTask(FixedSplits):
         Qwen 1.5B, shown the error with the import to add, did not add it in either repair seen
         on Spaceship Titanic (it searched the current version for the import line, then it
         reverted its change)."""
-        match = re.match(r"NameError: name '(\w+)' is not defined", problem)
+        match = _NAME_ERROR.match(problem)
         line = match and _import_line(match.group(1))
         if not line:
             return None
@@ -689,6 +689,9 @@ def _sklearn_names() -> dict[str, str]:
     return names
 
 
+_NAME_ERROR = re.compile(r"NameError: name '(\w+)' is not defined")
+
+
 def _import_line(name: str) -> str | None:
     return _IMPORTABLE.get(name) or _sklearn_names().get(name)
 
@@ -697,7 +700,7 @@ def import_hint(error: str) -> str:
     """``error`` with the import to add when it is a ``NameError`` for a name this environment
     can import (pandas, numpy, xgboost, any scikit-learn estimator): Qwen 1.5B, told only that
     ``XGBClassifier`` is not defined, concluded that xgboost was not installed and reverted."""
-    match = re.match(r"NameError: name '(\w+)' is not defined", error)
+    match = _NAME_ERROR.match(error)
     line = match and _import_line(match.group(1))
     if not line:
         return error
