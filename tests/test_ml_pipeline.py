@@ -526,6 +526,61 @@ def test_a_missing_import_is_added_and_a_crash_goes_back_as_a_repair_never_score
     assert all(t.error is None for step in result.steps for t in step.candidate_trials)
 
 
+LEGACY_MODULE = SCALED_LOGISTIC_ONE.replace(
+    "    from sklearn.linear_model import LogisticRegression\n",
+    "    from sklearn.ensemble.gradient_boosting import HistGradientBoostingClassifier as HGB\n").replace(
+    "LogisticRegression(max_iter=2000)", "HGB(max_iter=50)")
+WRONG_MODULE = SCALED_LOGISTIC_ONE.replace("from sklearn.linear_model import LogisticRegression",
+                                           "from sklearn.ensemble import LogisticRegression, StandardScaler as S")
+
+
+def test_an_import_from_a_module_that_lacks_the_name_is_rewritten_to_the_one_that_has_it():
+    """sklearn's private module paths without their private parts (what Qwen 1.5B wrote, and what
+    this task's own NameError fix once wrote) do not exist: the statement is rewritten."""
+    from genopt_projects.ml_pipeline.task import _sklearn_names
+
+    task = PROJECT.build_task(PROJECT.config(task="breast-cancer", task_options=_fast()))
+    for name in ("HistGradientBoostingClassifier", "HistGradientBoostingRegressor", "PoissonRegressor"):
+        assert _sklearn_names()[name].split()[1] in ("sklearn.ensemble", "sklearn.linear_model")
+    for line in _sklearn_names().values():  # every import this task would add works
+        exec(line, {})
+    broken = ArtifactVersion({"train_model": LEGACY_MODULE}, 1, parent_id="v0")
+    problem = task.precheck(broken)
+    assert problem.startswith("ModuleNotFoundError: No module named 'sklearn.ensemble.gradient_boosting'")
+    values, note = task.quick_fix(broken, problem)
+    assert note == ("rewrote the import from `sklearn.ensemble.gradient_boosting` in train_model "
+                    "(ModuleNotFoundError: No module named 'sklearn.ensemble.gradient_boosting')")
+    assert "    from sklearn.ensemble import HistGradientBoostingClassifier as HGB\n" in values["train_model"]
+    assert task.precheck(ArtifactVersion(values, 1, parent_id="v0")) is None
+
+    wrong = ArtifactVersion({"train_model": WRONG_MODULE}, 1, parent_id="v0")
+    problem = task.precheck(wrong)
+    assert problem.startswith("ImportError: cannot import name 'LogisticRegression' from 'sklearn.ensemble'")
+    values, _ = task.quick_fix(wrong, problem)
+    assert ("    from sklearn.linear_model import LogisticRegression\n"
+            "    from sklearn.preprocessing import StandardScaler as S\n") in values["train_model"]
+    assert task.precheck(ArtifactVersion(values, 1, parent_id="v0")) is None
+    # a module this environment does not have, with names it does not know: left to the optimizer
+    unknown = ArtifactVersion({"train_model": SCALED_LOGISTIC_ONE.replace(
+        "from sklearn.linear_model import LogisticRegression", "from lightgbm import LGBMClassifier")}, 1)
+    assert task.quick_fix(unknown, "ModuleNotFoundError: No module named 'lightgbm'") is None
+
+
+@needs_data
+def test_a_text_column_reaching_a_numeric_model_is_named_in_the_quick_run_error():
+    task = PROJECT.build_task(PROJECT.config(task="spaceship-titanic", task_options=_fast(
+        data_dir=str(DATA_DIRS["spaceship-titanic"]), max_train_rows=300)))
+    raw = ArtifactVersion({"train_model": SCALED_LOGISTIC_ONE}, 1, parent_id="v0")
+    problem = task.precheck(raw)
+    first = problem.splitlines()[0]
+    assert first.startswith("ValueError: could not convert string to float: '"), problem
+    value = first.split("float: '")[1].split("'")[0]
+    column = first.split("is a value of the text column ")[1].split(" of dataset.X")[0]
+    assert (task.labeled[column].astype(str) == value).any()
+    assert first.endswith("encode text columns as numbers, e.g. with OneHotEncoder(handle_unknown="
+                          "'ignore') in a ColumnTransformer, before they reach the model)")
+
+
 @needs_data
 def test_validation_rows_reach_the_sandbox_without_their_labels():
     task = PROJECT.build_task(PROJECT.config(task="house-prices", task_options=_fast(

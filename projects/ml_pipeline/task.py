@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import json
 import os
 import re
@@ -385,26 +386,38 @@ class TabularTask(FixedSplits):
         return f"{outcome.error}\n{detail}".strip()
 
     def quick_fix(self, version: ArtifactVersion, problem: str) -> tuple[dict[str, str], str] | None:
-        """The fix of a ``NameError`` for a name this environment can import (see
-        :func:`import_hint`): the import added at the top of each function that uses the name.
-        Qwen 1.5B, shown the error with the import to add, did not add it in either repair seen
-        on Spaceship Titanic (it searched the current version for the import line, then it
-        reverted its change)."""
-        match = _NAME_ERROR.match(problem)
-        line = match and _import_line(match.group(1))
-        if not line:
+        """The mechanical fix of an import problem, when this environment has the name (see
+        :func:`import_hint`): for a ``NameError`` the import is added at the top of each function
+        that reads the name; for a ``ModuleNotFoundError`` or an ``ImportError`` ("cannot import
+        name") the failing ``from ... import`` statement is rewritten to the module that has each
+        name. Qwen 1.5B, shown the error with the import to add, did not add it in either repair
+        seen on Spaceship Titanic (it searched the current version for the import line, then it
+        reverted its change); told that ``sklearn.ensemble.gradient_boosting`` does not exist, it
+        kept that import in three answers out of three."""
+        name = _NAME_ERROR.match(problem)
+        failed = _IMPORT_ERROR.match(problem)
+        line = name and _import_line(name.group(1))
+        if not line and not failed:
             return None
         values, fixed = dict(version.values), []
         for parameter in self.spec.parameters:
             if parameter.kind != "code" or parameter.name not in values:
                 continue
-            new = add_import(values[parameter.name], parameter.expected_function, match.group(1), line)
+            if line:
+                new = add_import(values[parameter.name], parameter.expected_function,
+                                 name.group(1), line)
+            else:
+                new = fix_imports(values[parameter.name], failed.group(1) or failed.group(3),
+                                  failed.group(2))
             if new is not None:
                 values[parameter.name] = new
                 fixed.append(parameter.name)
         if not fixed:
             return None
-        return values, f"added `{line}` to {', '.join(fixed)} (NameError: {match.group(1)})"
+        if line:
+            return values, f"added `{line}` to {', '.join(fixed)} (NameError: {name.group(1)})"
+        return values, (f"rewrote the import from `{failed.group(1) or failed.group(3)}` in "
+                        f"{', '.join(fixed)} ({problem.splitlines()[0].split(' (')[0]})")
 
     # --- the time limit: the task's state ---------------------------------------------------
     def trial_key(self, example: Example, context: EvalContext | None = None) -> str | None:
@@ -496,7 +509,8 @@ class TabularTask(FixedSplits):
         if not result.ok and (result.error or "").startswith("timeout after"):
             return _Outcome(self.floor, error=self.time_limit.exceeded(n_calls, TIME_ADVICE))
         if not result.ok:
-            return _Outcome(self.floor, error=import_hint(result.error or "failed"),
+            return _Outcome(self.floor, error=text_hint(import_hint(result.error or "failed"),
+                                                        self.labeled),
                             traceback=result.traceback_tail or _tail(result.stderr_tail, 8))
         value = result.value if isinstance(result.value, dict) else {}
         predictions = value.get("predictions")
@@ -684,12 +698,37 @@ def _sklearn_names() -> dict[str, str]:
 
     names = {}
     for name, cls in all_estimators():
-        public = ".".join(p for p in cls.__module__.split(".") if not p.startswith("_"))
-        names[name] = f"from {public} import {name}"
+        module = _public_module(cls.__module__, name)
+        if module:
+            names[name] = f"from {module} import {name}"
     return names
 
 
+def _public_module(module: str, name: str) -> str | None:
+    """The module a user imports ``name`` from: the path of ``module`` up to its first private
+    part (``sklearn.ensemble._hist_gradient_boosting.gradient_boosting`` ->
+    ``sklearn.ensemble``), or a parent of it, that has ``name``. Dropping the private parts alone
+    named a module that does not exist (``sklearn.ensemble.gradient_boosting``), and the import
+    this task added to a proposal failed."""
+    parts = []
+    for part in module.split("."):
+        if part.startswith("_"):
+            break
+        parts.append(part)
+    while parts:
+        try:
+            if hasattr(importlib.import_module(".".join(parts)), name):
+                return ".".join(parts)
+        except ImportError:
+            pass
+        parts.pop()
+    return None
+
+
 _NAME_ERROR = re.compile(r"NameError: name '(\w+)' is not defined")
+_IMPORT_ERROR = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'"
+                           r"|ImportError: cannot import name '(\w+)' from '([\w.]+)'")
+_TEXT_VALUE = re.compile(r"ValueError: could not convert string to float: '(.{1,200}?)'(?:$|\s)")
 
 
 def _import_line(name: str) -> str | None:
@@ -705,6 +744,63 @@ def import_hint(error: str) -> str:
     if not line:
         return error
     return f"{error} (it is installed: add `{line}` inside the function that uses it)"
+
+
+def fix_imports(source: str, module: str, name: str | None = None) -> str | None:
+    """``source`` with each ``from <module> import ...`` statement (of ``module`` or a module
+    under it; with ``name``, only the statements that import it) rewritten so that every name
+    comes from the module that has it (:func:`_import_line`); ``None`` when no statement is
+    affected or a name has no known module."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # hostile input: no fix
+        return None
+    lines = source.splitlines(keepends=True)
+    edits = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                and (node.module == module or (name is None and node.module.startswith(module + ".")))
+                and (name is None or any(a.name == name for a in node.names))):
+            continue
+        if node.lineno != node.end_lineno or lines[node.lineno - 1].strip().endswith(";"):
+            return None  # a statement over several lines, or beside another: left to the optimizer
+        new = []
+        for alias in node.names:
+            known = _import_line(alias.name)
+            if known is None and (name is None or alias.name == name):
+                return None
+            target = known.split()[1] if known and known.startswith("from ") else node.module
+            if known and not known.startswith("from "):
+                return None
+            new.append(f"from {target} import {alias.name}" + (f" as {alias.asname}" if alias.asname else ""))
+        line = lines[node.lineno - 1]
+        indent = line[:len(line) - len(line.lstrip())]
+        edits.append((node.lineno - 1, "".join(f"{indent}{n}\n" for n in new)))
+    if not edits:
+        return None
+    for at, text in sorted(edits, reverse=True):
+        lines[at] = text
+    fixed = "".join(lines)
+    return fixed if fixed != source else None
+
+
+def text_hint(error: str, frame) -> str:
+    """``error`` with the columns that hold the value when it is "could not convert string to
+    float" (a text column reached a numeric model): Qwen 1.5B, shown only the value ``'Earth'``,
+    sent the same failing code in three answers out of three."""
+    match = _TEXT_VALUE.match(error)
+    if not match:
+        return error
+    import pandas as pd
+
+    value = match.group(1)
+    columns = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])
+               and (frame[c].astype(str) == value).any()][:3]
+    if not columns:
+        return error
+    return (f"{error} ('{value}' is a value of the text column {', '.join(columns)} of dataset.X: "
+            "encode text columns as numbers, e.g. with OneHotEncoder(handle_unknown='ignore') in a "
+            "ColumnTransformer, before they reach the model)")
 
 
 def add_import(source: str, function: str, name: str, line: str) -> str | None:
