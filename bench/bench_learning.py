@@ -17,8 +17,10 @@ reflection (optimizer) calls as genopt's steps. GEPA is never a project dependen
 and run there as a subprocess.
 
 Results are appended to ``bench/results/learning.jsonl`` (committed; one line per run, keyed by
-study, model, cell and seed; a key already there is not run again, so an interrupted benchmark continues) and the
-table is printed at the end (``--table`` prints it without running anything). LLM answers are
+study, model, cell, seed and steps, with the commit measured): a key already measured on the same
+commit is not run again, so an interrupted benchmark continues, and a new commit is measured anew.
+The table (one line per study, model, cell and commit) is printed at the end (``--table`` prints
+it without running anything). LLM answers are
 cached in ``.bench/cache`` (a rerun with the same seed replays them).
 
 Usage::
@@ -118,10 +120,12 @@ def code_version() -> str:
     return commit + ("+" if changed else "")
 
 
-def done_keys() -> set[str]:
+def done_keys(code: str) -> set[str]:
+    """The keys already measured on commit ``code``."""
     if not RESULTS.exists():
         return set()
-    return {json.loads(line)["key"] for line in RESULTS.read_text().splitlines() if line.strip()}
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return {row["key"] for row in rows if row.get("code") == code}
 
 
 def append(row: dict) -> None:
@@ -235,12 +239,13 @@ def table() -> str:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["study"], row["model"], row["cell"]), []).append(row)
+        groups.setdefault((row["study"], row["model"], row["cell"], row.get("code", "?")),
+                          []).append(row)
     head = (f"{'study':28} {'model':8} {'cell':22} {'seeds':>5} {'1st-valid':>9} "
             f"{'valid':>6} {'accepted':>8} {'gain>0':>6} {'val gain':>8} {'test':>6} "
             f"{'opt calls':>9} {'task calls':>10} {'wall s':>7}  code")
     lines = [head, "-" * len(head)]
-    for (study, model, cell), group in sorted(groups.items()):
+    for (study, model, cell, code), group in sorted(groups.items()):
         cands = sum(r.get("candidates", 0) for r in group)
         rate = (lambda key: f"{sum(r.get(key, 0) for r in group) / cands:.0%}" if cands else "-")
         gains = [r.get("val_gain") for r in group]
@@ -251,8 +256,7 @@ def table() -> str:
             f"{_mean(gains):>8} {_mean(r.get('test') for r in group):>6} "
             f"{_mean(r.get('optimizer_calls') for r in group):>9} "
             f"{_mean(r.get('task_calls', r.get('llm_calls')) for r in group):>10} "
-            f"{_mean(r.get('wall_s') for r in group):>7}  "
-            f"{','.join(sorted({r.get('code', '?') for r in group}))}")
+            f"{_mean(r.get('wall_s') for r in group):>7}  {code}")
     return "\n".join(lines)
 
 
@@ -275,8 +279,8 @@ def main() -> None:
     for study in studies:
         if study not in STUDIES:
             raise SystemExit(f"--studies: unknown {study!r}; use one of {sorted(STUDIES)}")
-    done = done_keys()
     version = code_version()  # read once: the modules were imported from this tree
+    done = done_keys(version)
     for model in args.models.split(","):
         for seed in range(args.seeds):
             for study in studies:
