@@ -510,7 +510,7 @@ class TabularTask(FixedSplits):
             return _Outcome(self.floor, error=self.time_limit.exceeded(n_calls, TIME_ADVICE))
         if not result.ok:
             return _Outcome(self.floor, error=text_hint(import_hint(result.error or "failed"),
-                                                        self.labeled),
+                                                        self.labeled, self.definition.target),
                             traceback=result.traceback_tail or _tail(result.stderr_tail, 8))
         value = result.value if isinstance(result.value, dict) else {}
         predictions = value.get("predictions")
@@ -784,7 +784,7 @@ def fix_imports(source: str, module: str, name: str | None = None) -> str | None
     return fixed if fixed != source else None
 
 
-def text_hint(error: str, frame) -> str:
+def text_hint(error: str, frame, target: str | None = None) -> str:
     """``error`` with the columns that hold the value when it is "could not convert string to
     float" (a text column reached a numeric model): Qwen 1.5B, shown only the value ``'Earth'``,
     sent the same failing code in three answers out of three."""
@@ -794,7 +794,7 @@ def text_hint(error: str, frame) -> str:
     import pandas as pd
 
     value = match.group(1)
-    columns = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])
+    columns = [c for c in frame.columns if c != target and not pd.api.types.is_numeric_dtype(frame[c])
                and (frame[c].astype(str) == value).any()][:3]
     if not columns:
         return error
