@@ -263,7 +263,10 @@ class Optimizer:
             if not answer.values:
                 raise InvalidProposal("answer has none of the trainable parameters "
                                       + ", ".join(p.name for p in spec.trainable))
-            raise InvalidProposal(f"proposal is identical to the current version {current.version_id}")
+            # Qwen 1.5B, told only that its prompt was identical, resent it in 6 of 6 repairs
+            # on BBEH, reasoning that "no changes are needed"
+            raise InvalidProposal(f"proposal is identical to the current version {current.version_id}: "
+                                  "it changes nothing; write a changed value that addresses the feedback")
         digest = content_hash({**current.values, **changed})
         if digest in seen:
             raise InvalidProposal(f"proposal is identical to {seen[digest]}; propose a different change")
