@@ -247,7 +247,9 @@ def table() -> str:
     lines = [head, "-" * len(head)]
     for (study, model, cell, code), group in sorted(groups.items()):
         cands = sum(r.get("candidates", 0) for r in group)
-        rate = (lambda key: f"{sum(r.get(key, 0) for r in group) / cands:.0%}" if cands else "-")
+        # GEPA does not report its proposals' validity: "-", not 0 %
+        rate = (lambda key: f"{sum(r[key] for r in group) / cands:.0%}"
+                if cands and all(key in r for r in group) else "-")
         gains = [r.get("val_gain") for r in group]
         lines.append(
             f"{study:28} {model:8} {cell:22} {len(group):>5} {rate('first_try_valid'):>9} "
