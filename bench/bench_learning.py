@@ -20,8 +20,8 @@ Results are appended to ``bench/results/learning.jsonl`` (committed; one line pe
 study, model, cell, seed and steps, with the commit measured): a key already measured on the same
 commit is not run again, so an interrupted benchmark continues, and a new commit is measured anew.
 The table (one line per study, model, cell and commit) is printed at the end (``--table`` prints
-it without running anything). LLM answers are
-cached in ``.bench/cache`` (a rerun with the same seed replays them).
+it without running anything). LLM answers are cached in ``.bench/cache`` (a rerun with the same
+seed replays them).
 
 Usage::
 
