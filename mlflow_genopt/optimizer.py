@@ -263,7 +263,7 @@ class Optimizer:
             if not answer.values:
                 raise InvalidProposal("answer has none of the trainable parameters "
                                       + ", ".join(p.name for p in spec.trainable))
-            # Qwen 1.5B, told only that its prompt was identical, resent it in 6 of 6 repairs
+            # Qwen 1.5B, told only that its prompt was identical, resent it in 4 of 4 repairs
             # on BBEH, reasoning that "no changes are needed"
             raise InvalidProposal(f"proposal is identical to the current version {current.version_id}: "
                                   "it changes nothing; write a changed value that addresses the feedback")
