@@ -766,12 +766,12 @@ def fix_imports(source: str, module: str, name: str | None = None) -> str | None
             return None  # a statement over several lines, or beside another: left to the optimizer
         new = []
         for alias in node.names:
-            known = _import_line(alias.name)
+            known = _import_line(alias.name)  # "from M import X", "import numpy as np" or None
             if known is None and (name is None or alias.name == name):
                 return None
-            target = known.split()[1] if known and known.startswith("from ") else node.module
-            if known and not known.startswith("from "):
+            if known is not None and not known.startswith("from "):
                 return None
+            target = known.split()[1] if known else node.module
             new.append(f"from {target} import {alias.name}" + (f" as {alias.asname}" if alias.asname else ""))
         line = lines[node.lineno - 1]
         indent = line[:len(line) - len(line.lstrip())]
