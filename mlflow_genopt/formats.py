@@ -12,7 +12,8 @@
   ``=======`` / ``>>>>>>> REPLACE``): only the lines that change are written. Matching is exact
   first, then ignoring trailing whitespace, then ignoring indentation (the replacement is then
   shifted by the indentation the SEARCH lines missed), then approximately (the one place whose
-  lines are at least :data:`FUZZY_RATIO` similar); a block whose lines are in another trainable
+  lines are at least :data:`FUZZY_RATIO` similar; there, the lines the block keeps unchanged stay
+  as the current value has them, see :func:`_merge`); a block whose lines are in another trainable
   parameter than the one it names edits that one. A block that matches nothing, or more than
   one place, is an invalid proposal whose reason quotes the nearest lines. Lines copied from a
   repair's numbered excerpt (``   21 | code``) lose the number gutter first.
@@ -405,9 +406,12 @@ def apply_edit(value: str, search: str, replacement: str, name: str, number: int
     wanted = search.rstrip("\n").splitlines()
     new = replacement.rstrip("\n").splitlines() if replacement.strip() else []
 
-    def splice(i: int, shift: bool) -> str:  # ``new`` in place of the matched lines at ``i``
-        have = _indent(lines[i:i + len(wanted)])
+    def splice(i: int, shift: bool, merge: bool = False) -> str:  # ``new`` for the lines at ``i``
+        window = lines[i:i + len(wanted)]
+        have = _indent(window)
         moved = _reindent(new, _indent(wanted), have) if shift and _indent(new) != have else new
+        if merge:
+            moved = _merge(window, wanted, new, moved)
         trailing = "\n" if value.endswith("\n") else ""
         return "\n".join(lines[:i] + moved + lines[i + len(wanted):]) + trailing
 
@@ -422,7 +426,7 @@ def apply_edit(value: str, search: str, replacement: str, name: str, number: int
                                   "lines so that it matches one")
     near, ratio, unique = _fuzzy(lines, wanted) if fuzzy else (0, 0.0, False)
     if ratio >= FUZZY_RATIO and unique:  # a near-copy of one place: the lines it meant
-        return splice(near, shift=True)
+        return splice(near, shift=True, merge=True)
     raise InvalidProposal(f"{name}: SEARCH block {number} matches nothing in the current value",
                           "the nearest lines of the current value:\n" + _nearest(lines, wanted))
 
@@ -448,6 +452,44 @@ def _fuzzy(lines: list[str], wanted: list[str]) -> tuple[int, float, bool]:
     best = max(range(len(ratios)), key=ratios.__getitem__)
     rivals = [r for i, r in enumerate(ratios) if abs(i - best) >= size and r >= FUZZY_RATIO]
     return best, ratios[best], not rivals
+
+
+def _merge(window: list[str], wanted: list[str], new: list[str], moved: list[str]) -> list[str]:
+    """What an approximate match puts in place of the current lines ``window``: the lines the
+    block changes (``moved``: ``new`` at the window's indentation), and, for every line it keeps
+    (equal in SEARCH and REPLACE), the current line it stands for, not the block's copy of it.
+    Qwen 1.5B searched ``transformer = ColumnTransformer([`` for ``return ColumnTransformer([``,
+    kept that line and added two below it: applied as written, ``preprocess`` returned None.
+    SEARCH lines pair with the window's lines where equal (stripped), and position by position
+    where a run of them differs by as many lines; a kept line with no pair (the current value
+    does not have it) is left out, and a current line with no pair (the SEARCH skipped it) stays
+    where it was."""
+    pair: dict[int, int] = {}
+    lines_of = difflib.SequenceMatcher(None, [s.strip() for s in wanted], [s.strip() for s in window],
+                                       autojunk=False)
+    for tag, a1, a2, b1, b2 in lines_of.get_opcodes():
+        if tag == "equal" or (tag == "replace" and a2 - a1 == b2 - b1):
+            pair.update(zip(range(a1, a2), range(b1, b2)))
+    taken = set(pair.values())
+    out: list[str] = []
+    flushed = 0  # window lines before this one are placed
+
+    def flush(upto: int) -> None:
+        nonlocal flushed
+        out.extend(window[j] for j in range(flushed, upto) if j not in taken)
+        flushed = max(flushed, upto)
+
+    edits = difflib.SequenceMatcher(None, wanted, new, autojunk=False).get_opcodes()
+    for tag, a1, a2, b1, b2 in edits:
+        for k in range(a1, a2):
+            if k in pair:
+                flush(pair[k] + 1)
+                if tag == "equal":
+                    out.append(window[pair[k]])
+        if tag != "equal":
+            out.extend(moved[b1:b2])
+    flush(len(window))
+    return out
 
 
 def _indent(lines: list[str]) -> str:

@@ -85,6 +85,20 @@ def test_diff_edits_apply_to_a_near_copy_of_one_place_and_to_the_function_that_h
     edited = apply_edit(current, "model = RandomForestClassifier(n_estimators=10)\n",
                         "model = RandomForestClassifier(n_estimators=300)\n", "train", 1)
     assert edited.splitlines()[1] == "    model = RandomForestClassifier(n_estimators=300)"
+    # a misremembered line the block keeps stays as the current value has it; the lines it adds
+    # or changes go in (Qwen 1.5B kept ``transformer = ...`` for ``return ...``: None returned)
+    body = ("def preprocess(dataset, columns):\n    X = dataset.X\n    return ColumnTransformer([\n"
+            "        (\"numeric\", SimpleImputer(strategy=\"median\"), numeric),\n"
+            "        (\"categorical\", OneHotEncoder(handle_unknown=\"ignore\"), categorical),\n"
+            "    ])\n")
+    search = ("    transformer = ColumnTransformer([\n        (\"numeric\", SimpleImputer(strategy=\"median\"), numeric),\n"
+              "  (\"categorical\", OneHotEncoder(handle_unknown=\"ignore\"), categorical),\n    ])\n")
+    added = search.replace("    ])\n", "        (\"bool\", OneHotEncoder(), [\"CryoSleep\"]),\n    ])\n")
+    merged = body.replace("    ])\n", "        (\"bool\", OneHotEncoder(), [\"CryoSleep\"]),\n    ])\n")
+    assert apply_edit(body, search, added, "preprocess", 1) == merged
+    # ... also where the block's copy of a kept line has a comment the current line lacks
+    commented = (search.replace("    ])", "    ])  # done"), added.replace("    ])", "    ])  # done"))
+    assert apply_edit(body, *commented, "preprocess", 1) == merged
     # two places equally near: refused, as is a short SEARCH that is only approximately there
     twice = "a_long_name = compute(1)\nb = 2\na_long_name = compute(2)\n"
     with pytest.raises(InvalidProposal, match="matches nothing"):
