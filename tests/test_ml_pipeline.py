@@ -579,6 +579,39 @@ def test_a_text_column_reaching_a_numeric_model_is_named_in_the_quick_run_error(
     assert (task.labeled[column].astype(str) == value).any()
     assert first.endswith("encode text columns as numbers, e.g. with OneHotEncoder(handle_unknown="
                           "'ignore') in a ColumnTransformer, before they reach the model)")
+    # a branch of the artifact's own that passes the column on as text is quoted
+    many = PROJECT.build_task(PROJECT.config(task="spaceship-titanic", init="many_function", task_options=_fast(
+        data_dir=str(DATA_DIRS["spaceship-titanic"]), max_train_rows=300)))
+    start = STARTING_ARTIFACTS["many_function"].values
+    branch = '        ("text", FunctionTransformer(lambda x: x.astype(str)), ["HomePlanet"]),\n    ])'
+    passes = start["preprocess"].replace("\n    ])", "\n" + branch)
+    problem = many.precheck(ArtifactVersion({**start, "preprocess": passes}, 1, parent_id="v0"))
+    assert ("is a value of the text column HomePlanet of dataset.X; `(\"text\", FunctionTransformer("
+            "lambda x: x.astype(str)), [\"HomePlanet\"]),` passes it on as text: encode text columns"
+            in problem.splitlines()[0]), problem
+
+
+def test_a_stage_that_returns_the_wrong_kind_of_thing_is_named_in_the_quick_run_error():
+    """A Pipeline takes a ``preprocess`` that returns None for "passthrough": Qwen 1.5B's did, and
+    the error it then got from the model sent it to re-encode columns already encoded."""
+    task = PROJECT.build_task(PROJECT.config(task="breast-cancer", init="many_function",
+                                             task_options=_fast()))
+    start = STARTING_ARTIFACTS["many_function"].values
+    assert task.precheck(ArtifactVersion(dict(start), 1, parent_id="v0")) is None
+    none = start["preprocess"].replace("    return ColumnTransformer(", "    transformer = ColumnTransformer(")
+    problem = task.precheck(ArtifactVersion({**start, "preprocess": none}, 1, parent_id="v0"))
+    assert problem.splitlines()[0] == (
+        "TypeError: preprocess returned None; it must return an unfitted scikit-learn transformer "
+        "(with fit and transform), e.g. `return ColumnTransformer([...])`"), problem
+    typo = start["select_features"].replace("    return [", "    return ['mean radiuss'] + [")
+    problem = task.precheck(ArtifactVersion({**start, "select_features": typo}, 1, parent_id="v0"))
+    assert problem.splitlines()[0] == ("TypeError: select_features returned 'mean radiuss', which is "
+                                       "not a column of dataset.X; it must return a list of column "
+                                       "names of dataset.X"), problem
+    model = start["create_ensemble_model"].replace("return RandomForest", "RandomForest")
+    problem = task.precheck(ArtifactVersion({**start, "create_ensemble_model": model}, 1, parent_id="v0"))
+    assert problem.splitlines()[0].startswith("TypeError: create_ensemble_model returned None; it must "
+                                              "return an unfitted scikit-learn compatible estimator"), problem
 
 
 @needs_data

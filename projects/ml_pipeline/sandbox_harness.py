@@ -67,6 +67,7 @@ def _genopt_fit_predict(job):
         to_predict = pd.read_csv(job["predict_file"])
     y = labeled.pop(target)
     dataset = Dataset(labeled, y, job["problem_type"], target, job["id_column"], job["metric"])
+    _genopt_check_stages(job.get("stages") or ())
     started = time.perf_counter()
     model = train_model(dataset)  # noqa: F821 - defined by the generated code
     fitted = time.perf_counter()
@@ -83,6 +84,59 @@ def _genopt_fit_predict(job):
             "fit_s": round(fitted - started, 3), "predict_s": round(done - fitted, 3),
             "model": _genopt_describe(model)}
     return model, to_predict, predictions, info, labeled
+
+
+# What each stage function of the five-function artifact returns (its parameter description):
+# a stage that returns something else fails here, named, instead of further on. Qwen 1.5B's
+# ``preprocess`` returned None, which a Pipeline takes for "passthrough": the raw text columns
+# reached the model, and the error it got ("could not convert string to float") sent it to
+# re-encode columns that were already encoded.
+_GENOPT_STAGE_RETURNS = {
+    "select_features": "a list of column names of dataset.X",
+    "preprocess": ("an unfitted scikit-learn transformer (with fit and transform), e.g. "
+                   "`return ColumnTransformer([...])`"),
+    "create_ensemble_model": ("an unfitted scikit-learn compatible estimator (with fit and "
+                              "predict), e.g. `return RandomForestClassifier(...)`"),
+}
+
+
+def _genopt_check_stages(names):
+    """Wrap the stage functions ``names`` that the generated code defines (``train_model`` reads
+    them as globals at call time) so that each result is checked against its contract."""
+    import functools
+
+    namespace = globals()
+    for name in names:
+        function = namespace.get(name)
+        if not callable(function) or getattr(function, "_genopt_checked", False):
+            continue
+
+        def checked(*args, _name=name, _function=function, **kwargs):
+            out = _function(*args, **kwargs)
+            problem = _genopt_stage_problem(_name, out, args)
+            if problem:
+                raise TypeError(f"{_name} returned {problem}; it must return "
+                                f"{_GENOPT_STAGE_RETURNS[_name]}")
+            return out
+
+        checked = functools.wraps(function)(checked)
+        checked._genopt_checked = True
+        namespace[name] = checked
+
+
+def _genopt_stage_problem(name, out, args):
+    """Why ``out`` breaks stage ``name``'s contract, or None."""
+    what = "None" if out is None else f"a {type(out).__name__}"
+    if name == "select_features":
+        if isinstance(out, str) or not isinstance(out, (list, tuple, pd.Index, np.ndarray)):
+            return what
+        columns = getattr(getattr(args[0] if args else None, "X", None), "columns", None)
+        missing = [c for c in out if columns is not None and c not in columns]
+        return f"{missing[0]!r}, which is not a column of dataset.X" if missing else None
+    if name == "preprocess":
+        ok = hasattr(out, "fit") and (hasattr(out, "transform") or hasattr(out, "fit_transform"))
+        return None if ok else what
+    return None if hasattr(out, "fit") else what
 
 
 def _genopt_describe(model):

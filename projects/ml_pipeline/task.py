@@ -95,6 +95,8 @@ from .metrics import METRICS, Metric, canonical_label, failure_floor, score_pred
 
 HARNESS_SOURCE = (Path(__file__).with_name("sandbox_harness.py")).read_text(encoding="utf-8")
 PARAMETER_ORDER = ("preprocess", "select_features", "create_ensemble_model", "train_model", "predict")
+# the stages whose results the harness checks against their contract (``_genopt_check_stages``)
+CHECKED_STAGES = ("select_features", "preprocess", "create_ensemble_model")
 
 STAGE_GUIDANCE = (
     "Level 1 of 3 (basic): first make the pipeline sound: impute every missing value, encode "
@@ -379,7 +381,7 @@ class TabularTask(FixedSplits):
         job["holdout_rows"] = np.searchsorted(_union(scope), scope.score_rows).tolist()
         (result,) = run_trials(self.module_source(version), [([job], {})], files,
                                self._limits(1, scored), HARNESS_SOURCE)
-        outcome = self._outcome(scope, result)
+        outcome = self._outcome(scope, result, source=self.module_source(version))
         if outcome.error is None:
             return None
         detail = _tail(_without_harness_frames(outcome.traceback), 8, 900) if outcome.traceback else ""
@@ -444,7 +446,8 @@ class TabularTask(FixedSplits):
         d = self.definition
         return {"target": d.target, "problem_type": d.problem_type, "id_column": d.id_column,
                 "metric": self.metric.name, "seed": self.seed,
-                "use_predict": "predict" in version.values, **extra}
+                "use_predict": "predict" in version.values,
+                "stages": [n for n in CHECKED_STAGES if n in version.values], **extra}
 
     def _features(self, rows: np.ndarray):
         return self.labeled.iloc[rows].drop(columns=[self.definition.target])
@@ -495,7 +498,7 @@ class TabularTask(FixedSplits):
             # unit's own sandbox time
             self.time_limit.observe(max(r.duration_s for r in results) if self.executor.remote
                                     else (time.monotonic() - started) / len(calls))
-        return [self._outcome(scope, result, per_unit) for scope, result in zip(scopes, results)]
+        return [self._outcome(scope, result, per_unit, source) for scope, result in zip(scopes, results)]
 
     def _predicted(self, scope: _Scope) -> int:
         return len(scope.score_rows) if scope.score_rows is not None else len(self.test_file)
@@ -505,12 +508,13 @@ class TabularTask(FixedSplits):
             return list(self.test_truth)
         return list(self.labeled[self.definition.target].iloc[scope.score_rows])
 
-    def _outcome(self, scope: _Scope, result: SandboxResult, n_calls: int = 1) -> _Outcome:
+    def _outcome(self, scope: _Scope, result: SandboxResult, n_calls: int = 1,
+                 source: str = "") -> _Outcome:
         if not result.ok and (result.error or "").startswith("timeout after"):
             return _Outcome(self.floor, error=self.time_limit.exceeded(n_calls, TIME_ADVICE))
         if not result.ok:
             return _Outcome(self.floor, error=text_hint(import_hint(result.error or "failed"),
-                                                        self.labeled, self.definition.target),
+                                                        self.labeled, self.definition.target, source),
                             traceback=result.traceback_tail or _tail(result.stderr_tail, 8))
         value = result.value if isinstance(result.value, dict) else {}
         predictions = value.get("predictions")
@@ -784,10 +788,12 @@ def fix_imports(source: str, module: str, name: str | None = None) -> str | None
     return fixed if fixed != source else None
 
 
-def text_hint(error: str, frame, target: str | None = None) -> str:
+def text_hint(error: str, frame, target: str | None = None, source: str = "") -> str:
     """``error`` with the columns that hold the value when it is "could not convert string to
     float" (a text column reached a numeric model): Qwen 1.5B, shown only the value ``'Earth'``,
-    sent the same failing code in three answers out of three."""
+    sent the same failing code in three answers out of three. When a line of ``source`` names
+    such a column in quotes and no encoder, that line is quoted too: Qwen 1.5B added the column
+    to its own ``FunctionTransformer(lambda x: x.astype(str))`` branch, which passes text on."""
     match = _TEXT_VALUE.match(error)
     if not match:
         return error
@@ -798,9 +804,12 @@ def text_hint(error: str, frame, target: str | None = None) -> str:
                and (frame[c].astype(str) == value).any()][:3]
     if not columns:
         return error
-    return (f"{error} ('{value}' is a value of the text column {', '.join(columns)} of dataset.X: "
-            "encode text columns as numbers, e.g. with OneHotEncoder(handle_unknown='ignore') in a "
-            "ColumnTransformer, before they reach the model)")
+    quoted = [line.strip() for line in source.splitlines()
+              if "Encoder" not in line and any(f'"{c}"' in line or f"'{c}'" in line for c in columns)]
+    where = f"; `{quoted[0][:160]}` passes it on as text" if len(quoted) == 1 else ""
+    return (f"{error} ('{value}' is a value of the text column {', '.join(columns)} of dataset.X"
+            f"{where}: encode text columns as numbers, e.g. with OneHotEncoder(handle_unknown="
+            "'ignore') in a ColumnTransformer, before they reach the model)")
 
 
 def add_import(source: str, function: str, name: str, line: str) -> str | None:
