@@ -344,9 +344,19 @@ class TabularTask(FixedSplits):
             f"validation score selects the final version. Metrics shown: {', '.join(self.report)}. "
             "The code runs offline with pandas, numpy, scikit-learn and xgboost, within "
             f"at most {self.timeout_s:g} s and {self.memory_mb} MB per trial (the time limit "
-            "follows the starting pipeline's time: a trial over it fails). With pandas 3, cast bool and "
-            "object columns with .astype(str) before making them categorical."
+            "follows the starting pipeline's time: a trial over it fails). " + self._pandas_note()
         )
+
+    def _pandas_note(self) -> str:
+        """What pandas 3 needs before OneHotEncoder. With a ``preprocess`` function the note says
+        that its ``as_text`` step already does it: told only "cast bool and object columns with
+        .astype(str)", Qwen 1.5B added ``FunctionTransformer(lambda x: x.astype(str))`` branches
+        to preprocess in 4 of 5 many_function steps, and those pass text on to the model."""
+        if any(p.name == "preprocess" for p in self.spec.parameters):
+            return ("With pandas 3, bool and object columns need .astype(str) before OneHotEncoder: "
+                    "the as_text step of preprocess does that; a column that no encoder reads "
+                    "reaches the model as text and fails.")
+        return "With pandas 3, cast bool and object columns with .astype(str) before making them categorical."
 
     def _add(self, split: str, example_id: str, scope: _Scope, description: dict) -> None:
         self._scopes[example_id] = scope
