@@ -29,11 +29,13 @@ class CountingLLM:
     """Counts the calls that reach a model (a cached replay counts too: it stands for a call)."""
 
     def __init__(self, llm):
-        self.llm, self.calls = llm, 0
+        self.llm, self.calls, self.cached = llm, 0, 0
 
     def complete(self, messages, **kwargs):
         self.calls += 1
-        return self.llm.complete(messages, **kwargs)
+        completion = self.llm.complete(messages, **kwargs)
+        self.cached += bool(getattr(completion, "cached", False))  # a replay: no cost
+        return completion
 
 
 class BBEHAdapter:
@@ -120,6 +122,8 @@ def main() -> None:
         "accepted": len(result.candidates) - 1,
         "optimizer_calls": reflection.calls,
         "task_calls": task_calls_before_test + len(test),
+        "llm_calls": task_llm.calls + reflection.calls,
+        "cached_calls": task_llm.cached + reflection.cached,
         "best_prompt": best["prompt"][:400],
     }
     print(json.dumps(row))
