@@ -389,9 +389,9 @@ class TabularTask(FixedSplits):
         files, where = self._group_files(scope)
         job = self._job(version, **where)
         job["holdout_rows"] = np.searchsorted(_union(scope), scope.score_rows).tolist()
-        (result,) = run_trials(self.module_source(version), [([job], {})], files,
-                               self._limits(1, scored), HARNESS_SOURCE)
-        outcome = self._outcome(scope, result, source=self.module_source(version))
+        source = self.module_source(version)
+        (result,) = run_trials(source, [([job], {})], files, self._limits(1, scored), HARNESS_SOURCE)
+        outcome = self._outcome(scope, result, source=source)
         if outcome.error is None:
             return None
         detail = _tail(_without_harness_frames(outcome.traceback), 8, 900) if outcome.traceback else ""
