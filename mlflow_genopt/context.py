@@ -141,7 +141,7 @@ def build_context(objective: str, spec: ArtifactSpec, current: ArtifactVersion,
                 lines.append(f"- {clip(step.observation, 300)} -> {clip(step.action, 80)}, {step.reward:g}")
         parts.append("\n".join(lines))
     parts.append("# Your answer\n" + edit_format.instructions(spec))
-    return [{"role": "system", "content": SYSTEM_PROMPT + edit_format.system},
+    return [{"role": "system", "content": SYSTEM_PROMPT + edit_format.system_text(spec)},
             {"role": "user", "content": "\n\n".join(parts)}]
 
 

@@ -95,6 +95,10 @@ class EditFormat:
     name = ""
     system = ""
 
+    def system_text(self, spec: ArtifactSpec) -> str:
+        """The format's part of the system message."""
+        return self.system
+
     def instructions(self, spec: ArtifactSpec) -> str:
         raise NotImplementedError
 
@@ -191,17 +195,28 @@ class TaggedFormat(EditFormat):
               "trainable parameter its complete new value between <name> and </name> lines. No "
               "JSON, no escaping.")
 
+    def system_text(self, spec: ArtifactSpec) -> str:
+        if len(spec.trainable) == 1:
+            return self.system
+        return ("Answer in plain text blocks: first <reasoning> ... </reasoning>, then for each "
+                "parameter you change its complete new value between <name> and </name> lines; "
+                "parameters you leave out keep their current value. No JSON, no escaping.")
+
     def request(self, spec: ArtifactSpec) -> dict[str, Any]:
         return {"grammar": tagged_grammar(spec)}
 
     def instructions(self, spec: ArtifactSpec) -> str:
         blocks = "\n".join(f"<{p.name}>\n({_what(p)})\n</{p.name}>" for p in spec.trainable)
         example = _example(spec)
+        several = len(spec.trainable) > 1
         return (
             "Write your answer in exactly this layout, each tag on its own line:\n"
             f"<reasoning>\n(at most three sentences: what went wrong and what you change)\n"
             f"</reasoning>\n{blocks}\n"
-            "Write each value as it is, with no escaping and no markdown fences. A value is the "
+            + ("Write a block only for each parameter you change (one or more); a parameter you "
+               "leave out keeps its current value, so rewrite one or two functions, not all.\n"
+               if several else "")
+            + "Write each value as it is, with no escaping and no markdown fences. A value is the "
             "complete new value, never a diff and never the parameter's description.\n"
             f"Example, for a {example.kind} parameter named {example.name}:\n"
             f"<reasoning>\n{example.reasoning}\n</reasoning>\n<{example.name}>\n{example.value}\n"
@@ -265,8 +280,13 @@ def tagged_grammar(spec: ArtifactSpec) -> str:
     at most :data:`REASONING_LINE_CHARS` characters, and a prompt value's lines are bounded by
     its length limit: SmolLM2 otherwise filled its whole token budget with reasoning (or with an
     endless prompt) and the answer was cut before it was complete. Code values stay free."""
-    rules = ['root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" '
-             + " ".join(f"p{i}" for i in range(len(spec.trainable)))]
+    count = len(spec.trainable)
+    # one parameter: its block; several: a block for each parameter the answer changes (at least
+    # one, in any order): rewriting all five ML-pipeline functions to change one cost Qwen 1.5B
+    # hundreds of tokens, and every function it copied was one more chance to break something
+    blocks = ("p0" if count == 1
+              else "( " + " | ".join(f"p{i}" for i in range(count)) + f" ){{1,{count}}}")
+    rules = ['root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" ' + blocks]
     for i, parameter in enumerate(spec.trainable):
         body = "body"
         if parameter.kind == "prompt":  # bounded by its length limit, so decoding ends in budget

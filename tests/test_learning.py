@@ -46,6 +46,28 @@ def test_tagged_answers_carry_code_with_quotes_backslashes_docstrings_and_braces
     assert TaggedFormat().parse(thinking, SPEC, CURRENT).values["train_model"].rstrip() == HARD.rstrip()
 
 
+def test_tagged_answers_for_several_functions_rewrite_only_the_ones_they_change():
+    # rewriting all five ML-pipeline functions to change one cost Qwen 1.5B hundreds of tokens
+    spec = ArtifactSpec((Parameter("preprocess", "code", "p"), CODE))
+    current = ArtifactVersion({"preprocess": "def preprocess(df):\n    return df\n",
+                               "train_model": CURRENT.values["train_model"]}, 0)
+    fmt = TaggedFormat()
+    grammar = fmt.request(spec)["grammar"]
+    assert 'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" ( p0 | p1 ){1,2}' in grammar
+    assert "Write a block only for each parameter you change" in fmt.instructions(spec)
+    assert "parameters you leave out keep their current value" in fmt.system_text(spec)
+    # one trainable parameter: its block is required, and the wording is unchanged
+    assert 'reasoning "</reasoning>\\n" p0\n' in fmt.request(SPEC)["grammar"]
+    assert fmt.system_text(SPEC) == fmt.system and "only for each" not in fmt.instructions(SPEC)
+    raw = ("<reasoning>\nfill gaps\n</reasoning>\n<preprocess>\ndef preprocess(df):\n"
+           "    return df.fillna(0)\n</preprocess>\n")
+    [proposal] = Optimizer(ScriptedLLM([raw]), edit_format="tagged", repair_attempts=0
+                           ).propose_candidates([{"role": "user", "content": "ctx"}], spec,
+                                                current, seeds=[0])
+    assert proposal.valid and "fillna(0)" in proposal.values["preprocess"]
+    assert set(proposal.values) == {"preprocess"}  # train_model keeps its current value
+
+
 def test_json_answers_survive_the_same_code_when_escaped_and_fail_with_the_place_when_not():
     good = json.dumps({"reasoning": "r", "train_model": HARD})
     assert JsonFormat().parse(good, SPEC, CURRENT).values["train_model"] == HARD

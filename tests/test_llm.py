@@ -728,6 +728,8 @@ def test_smollm2_follows_a_grammar_and_survives_a_broken_one() -> None:
     assert edit.text.startswith("<reasoning>\n")
     code = ArtifactSpec((Parameter("train_model", "code", "the pipeline"),))
     llm.complete(messages, grammar=tagged_grammar(code), max_tokens=8, seed=0)
+    several = ArtifactSpec((Parameter("preprocess", "code", "p"), code.parameters[0]))
+    llm.complete(messages, grammar=tagged_grammar(several), max_tokens=8, seed=0)  # blocks{1,2}
     assert llm.broken_grammars == set()  # both edit formats' grammars compile, for code too
 
     broken = 'root ::= "a" missing_rule\n'
