@@ -279,7 +279,9 @@ def tagged_grammar(spec: ArtifactSpec) -> str:
     line may not start with ``</``). The reasoning is at most :data:`REASONING_LINES` lines of
     at most :data:`REASONING_LINE_CHARS` characters, and a prompt value's lines are bounded by
     its length limit: SmolLM2 otherwise filled its whole token budget with reasoning (or with an
-    endless prompt) and the answer was cut before it was complete. Code values stay free."""
+    endless prompt) and the answer was cut before it was complete. A code value starts with its
+    function's ``def`` line (after imports, decorators, comments or constants) and is free after
+    it: Qwen 1.5B wrote prose about the functions it did not change inside their blocks."""
     count = len(spec.trainable)
     # one parameter: its block; several: a block for each parameter the answer changes (at least
     # one, in any order): rewriting all five ML-pipeline functions to change one cost Qwen 1.5B
@@ -293,6 +295,10 @@ def tagged_grammar(spec: ArtifactSpec) -> str:
             body = f"pbody{i}"
             lines = max(4, parameter.length_limit // PROMPT_LINE_CHARS * 2)
             rules.append(f"{body} ::= pline{{0,{lines}}}")
+        else:  # code: imports, decorators, comments or CONSTANTS, then the function's def line
+            body = f"cbody{i}"
+            rules.append(f'{body} ::= ( chead "\\n"{{1,2}} )* "def {parameter.expected_function}(" '
+                         '[^\\n]* "\\n" body')
         rules.append(f'p{i} ::= "<{parameter.name}>\\n" {body} "</{parameter.name}>" "\\n"?')
     if any(p.kind == "prompt" for p in spec.trainable):
         rules.append(f'pline ::= ( [^<\\n] [^\\n]{{0,{PROMPT_LINE_CHARS}}} | "<" [^/\\n] '
@@ -300,6 +306,8 @@ def tagged_grammar(spec: ArtifactSpec) -> str:
     rules += _REASONING_RULES
     if any(p.kind != "prompt" for p in spec.trainable):
         rules += _FREE_BODY_RULES
+        rules.append('chead ::= ( "import " | "from " | "@" | "#" | [A-Z_] [A-Z0-9_]* " =" ) '
+                     '[^\\n]*')
     return "\n".join(rules) + "\n"
 
 

@@ -54,6 +54,7 @@ def test_tagged_answers_for_several_functions_rewrite_only_the_ones_they_change(
     fmt = TaggedFormat()
     grammar = fmt.request(spec)["grammar"]
     assert 'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" ( p0 | p1 ){1,2}' in grammar
+    assert 'cbody0 ::= ( chead "\\n"{1,2} )* "def preprocess(" [^\\n]* "\\n" body' in grammar
     assert "Write a block only for each parameter you change" in fmt.instructions(spec)
     assert "parameters you leave out keep their current value" in fmt.system_text(spec)
     # one trainable parameter: its block is required, and the wording is unchanged

@@ -4,6 +4,7 @@ OpenAI-compatible client against a real HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -714,7 +715,7 @@ def test_control_tokens_are_banned_from_answers_but_the_end_of_generation_is_not
 def test_smollm2_follows_a_grammar_and_survives_a_broken_one() -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dependency: install the project")
     from mlflow_genopt.artifact import ArtifactSpec, Parameter
-    from mlflow_genopt.formats import diff_grammar, tagged_grammar
+    from mlflow_genopt.formats import TaggedFormat, diff_grammar, tagged_grammar
 
     spec = ArtifactSpec((Parameter("prompt", "prompt", "the instruction",
                                    placeholders=("{question}",)),))
@@ -728,8 +729,14 @@ def test_smollm2_follows_a_grammar_and_survives_a_broken_one() -> None:
     assert edit.text.startswith("<reasoning>\n")
     code = ArtifactSpec((Parameter("train_model", "code", "the pipeline"),))
     llm.complete(messages, grammar=tagged_grammar(code), max_tokens=8, seed=0)
+    # several functions: a block for each one the answer changes, and a block is code from its
+    # first line (Qwen 1.5B wrote prose about the functions it kept inside their blocks)
     several = ArtifactSpec((Parameter("preprocess", "code", "p"), code.parameters[0]))
-    llm.complete(messages, grammar=tagged_grammar(several), max_tokens=8, seed=0)  # blocks{1,2}
+    asked = [{"role": "user", "content": "Describe what these functions do.\n"
+              + TaggedFormat().instructions(several)}]
+    blocks = llm.complete(asked, grammar=tagged_grammar(several), max_tokens=60, seed=0).text
+    opened = re.findall(r"(?m)^<(preprocess|train_model)>\n(.*)$", blocks)
+    assert opened and all(line.startswith(f"def {name}(") for name, line in opened)
     assert llm.broken_grammars == set()  # both edit formats' grammars compile, for code too
 
     broken = 'root ::= "a" missing_rule\n'
