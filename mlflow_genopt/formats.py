@@ -206,17 +206,22 @@ class TaggedFormat(EditFormat):
         return {"grammar": tagged_grammar(spec)}
 
     def instructions(self, spec: ArtifactSpec) -> str:
-        blocks = "\n".join(f"<{p.name}>\n({_what(p)})\n</{p.name}>" for p in spec.trainable)
         example = _example(spec)
-        several = len(spec.trainable) > 1
+        if len(spec.trainable) == 1:
+            [parameter] = spec.trainable
+            blocks = f"<{parameter.name}>\n({_what(parameter)})\n</{parameter.name}>\n"
+        else:  # one generic block: a layout with every block had Qwen 1.5B copy all five
+            names = ", ".join(p.name for p in spec.trainable)
+            what = ("the complete Python source code of that function, from its def line"
+                    if all(p.kind == "code" for p in spec.trainable) else "its complete new value")
+            blocks = (f"<name>\n({what})\n</name>\nwhere name is the parameter you change, one "
+                      f"of: {names}. Write one such block for each parameter you change, usually "
+                      "one or two; a parameter you leave out keeps its current value.\n")
         return (
             "Write your answer in exactly this layout, each tag on its own line:\n"
             f"<reasoning>\n(at most three sentences: what went wrong and what you change)\n"
-            f"</reasoning>\n{blocks}\n"
-            + ("Write a block only for each parameter you change (one or more); a parameter you "
-               "leave out keeps its current value, so rewrite one or two functions, not all.\n"
-               if several else "")
-            + "Write each value as it is, with no escaping and no markdown fences. A value is the "
+            f"</reasoning>\n{blocks}"
+            "Write each value as it is, with no escaping and no markdown fences. A value is the "
             "complete new value, never a diff and never the parameter's description.\n"
             f"Example, for a {example.kind} parameter named {example.name}:\n"
             f"<reasoning>\n{example.reasoning}\n</reasoning>\n<{example.name}>\n{example.value}\n"
@@ -259,7 +264,8 @@ REASONING_LINE_CHARS = 200
 PROMPT_LINE_CHARS = 160  # a prompt value's lines; at most 2 * length_limit / this many of them
 BLANK_RUN = 2  # at most this many blank lines in a row inside a free value
 # GBNF rules shared by the tagged and diff grammars: the bounded reasoning block, and free
-# content lines (a line may not start with ``</``, which closes the block). A line cut in the
+# content lines (a line may not start with ``</``, which closes the block, nor with ``<name``:
+# Qwen 1.5B opened the next block inside an unclosed one). A line cut in the
 # middle of a sentence derailed Qwen2.5-Coder-1.5B (it went on by echoing the instructions), so
 # the first line may hold a whole paragraph. A reasoning line may not start like an edit
 # block or a fence (``>>>>>>>``, ``=======``, a backtick): Qwen 1.5B went on from its reasoning
@@ -271,7 +277,7 @@ _REASONING_RULES = (
     f'rline{{0,{REASONING_LINES - 1}}}',
     f'rline ::= [^<>=`\\n] [^\\n]{{0,{REASONING_LINE_CHARS}}} "\\n"')
 _FREE_BODY_RULES = (f'body ::= ( "\\n"{{0,{BLANK_RUN}}} line )* "\\n"{{0,{BLANK_RUN}}}',
-                    'line ::= [ \\t]* ( [^ \\t<\\n] [^\\n]* | "<" ( [^/\\n] [^\\n]* )? ) "\\n"')
+                    'line ::= [ \\t]* ( [^ \\t<\\n] [^\\n]* | "<" ( [^/A-Za-z_\\n] [^\\n]* )? ) "\\n"')
 
 
 def tagged_grammar(spec: ArtifactSpec) -> str:
@@ -306,7 +312,7 @@ def tagged_grammar(spec: ArtifactSpec) -> str:
     rules += _REASONING_RULES
     if any(p.kind != "prompt" for p in spec.trainable):
         rules += _FREE_BODY_RULES
-        rules.append('chead ::= ( "import " | "from " | "@" | "#" | [A-Z_] [A-Z0-9_]* " =" ) '
+        rules.append('chead ::= ( "import " | "from " | "@" | "#" | [A-Z_] [A-Z0-9_]{0,40} " =" ) '
                      '[^\\n]*')
     return "\n".join(rules) + "\n"
 

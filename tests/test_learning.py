@@ -55,11 +55,14 @@ def test_tagged_answers_for_several_functions_rewrite_only_the_ones_they_change(
     grammar = fmt.request(spec)["grammar"]
     assert 'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" ( p0 | p1 ){1,2}' in grammar
     assert 'cbody0 ::= ( chead "\\n"{1,2} )* "def preprocess(" [^\\n]* "\\n" body' in grammar
-    assert "Write a block only for each parameter you change" in fmt.instructions(spec)
+    assert '"<" ( [^/A-Za-z_\\n]' in grammar  # a code line never opens another block
+    shown = fmt.instructions(spec)  # one generic block: a layout of every block was copied whole
+    assert "<name>\n" in shown and "one of: preprocess, train_model" in shown
+    assert "<preprocess>" not in shown and "a parameter you leave out keeps" in shown
     assert "parameters you leave out keep their current value" in fmt.system_text(spec)
     # one trainable parameter: its block is required, and the wording is unchanged
     assert 'reasoning "</reasoning>\\n" p0\n' in fmt.request(SPEC)["grammar"]
-    assert fmt.system_text(SPEC) == fmt.system and "only for each" not in fmt.instructions(SPEC)
+    assert fmt.system_text(SPEC) == fmt.system and "<train_model>\n" in fmt.instructions(SPEC)
     raw = ("<reasoning>\nfill gaps\n</reasoning>\n<preprocess>\ndef preprocess(df):\n"
            "    return df.fillna(0)\n</preprocess>\n")
     [proposal] = Optimizer(ScriptedLLM([raw]), edit_format="tagged", repair_attempts=0
