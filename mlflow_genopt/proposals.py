@@ -78,6 +78,9 @@ def validate_value(parameter: Parameter, value: Any) -> tuple[str, tuple[str, ..
         raise InvalidProposal(f"{parameter.name}: empty value")
     repairs: list[str] = []
     if parameter.kind == "code":
+        value, dropped = _drop_trailing_prose(parameter, value)
+        if dropped:
+            repairs.append(dropped)
         _check_code(parameter, value)
     elif parameter.placeholders:
         declared = {_normalise(p): p for p in parameter.placeholders}
@@ -95,6 +98,42 @@ def validate_value(parameter: Parameter, value: Any) -> tuple[str, tuple[str, ..
         raise InvalidProposal(
             f"{parameter.name}: {len(value)} characters, limit {parameter.length_limit}")
     return value, tuple(repairs)
+
+
+def _drop_trailing_prose(parameter: Parameter, value: str) -> tuple[str, str | None]:
+    """``value`` without the lines after its complete function that are not Python (a model's
+    notes about the next function: Qwen 1.5B wrote "< reasoning>" paragraphs after each function
+    of a tagged answer), and the repair note; ``value`` unchanged when it parses, or when no
+    prefix that ends at an unindented line parses and defines the function."""
+    try:
+        ast.parse(value)
+        return value, None
+    except (SyntaxError, ValueError) as exc:
+        failing = getattr(exc, "lineno", None)
+    lines = value.split("\n")
+    if not failing or failing > len(lines):
+        return value, None
+    for cut in range(failing - 1, 0, -1):  # the unindented lines at or above the failing one
+        line = lines[cut]
+        if not line.strip() or line[0] in " \t":
+            continue
+        head = "\n".join(lines[:cut]).rstrip()
+        try:
+            tree = ast.parse(head)
+        except (SyntaxError, ValueError):
+            continue
+        if any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+               and node.name == parameter.expected_function for node in tree.body):
+            rest = [l for l in lines[cut:] if l.strip()]
+            return head, (f"{parameter.name}: dropped {len(rest)} line(s) after the function "
+                          f"that are not Python, from `{clip_line(line)}`")
+        return value, None
+    return value, None
+
+
+def clip_line(line: str, width: int = 60) -> str:
+    line = line.strip()
+    return line if len(line) <= width else line[:width - 3] + "..."
 
 
 def _check_code(parameter: Parameter, value: str) -> None:

@@ -70,6 +70,22 @@ def test_tagged_answers_for_several_functions_rewrite_only_the_ones_they_change(
                                                 current, seeds=[0])
     assert proposal.valid and "fillna(0)" in proposal.values["preprocess"]
     assert set(proposal.values) == {"preprocess"}  # train_model keeps its current value
+    # Qwen 1.5B wrote a note about the next function after each one: the notes are dropped (and
+    # recorded), the functions kept; a function that is itself broken is still invalid
+    noted = ("<reasoning>\nr\n</reasoning>\n<preprocess>\ndef preprocess(df):\n"
+             "    return df.dropna()\n\n< reasoning>\nThe train_model function is fine as it is.\n"
+             "</preprocess>\n")
+    [proposal] = Optimizer(ScriptedLLM([noted]), edit_format="tagged", repair_attempts=0
+                           ).propose_candidates([{"role": "user", "content": "ctx"}], spec,
+                                                current, seeds=[0])
+    assert proposal.valid and proposal.values["preprocess"].endswith("return df.dropna()\n")
+    assert proposal.repairs == ("preprocess: dropped 2 line(s) after the function that are not "
+                                "Python, from `< reasoning>`",)
+    broken = noted.replace("df.dropna()", "df.dropna(")
+    [proposal] = Optimizer(ScriptedLLM([broken]), edit_format="tagged", repair_attempts=0
+                           ).propose_candidates([{"role": "user", "content": "ctx"}], spec,
+                                                current, seeds=[0])
+    assert not proposal.valid and "SyntaxError" in proposal.invalid_reason
 
 
 def test_json_answers_survive_the_same_code_when_escaped_and_fail_with_the_place_when_not():
