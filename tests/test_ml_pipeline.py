@@ -612,6 +612,18 @@ def test_a_stage_that_returns_the_wrong_kind_of_thing_is_named_in_the_quick_run_
     problem = task.precheck(ArtifactVersion({**start, "create_ensemble_model": model}, 1, parent_id="v0"))
     assert problem.splitlines()[0].startswith("TypeError: create_ensemble_model returned None; it must "
                                               "return an unfitted scikit-learn compatible estimator"), problem
+    # a target encoder among the feature transformers (Qwen 1.5B kept it through a repair)
+    label = start["preprocess"].replace(
+        '        ("numeric", SimpleImputer(strategy="median"), numeric),\n',
+        '        ("numeric", SimpleImputer(strategy="median"), numeric),\n'
+        '        ("label", __import__("sklearn.preprocessing").preprocessing.LabelEncoder(), numeric[:1]),\n')
+    assert label != start["preprocess"]
+    problem = task.precheck(ArtifactVersion({**start, "preprocess": label}, 1, parent_id="v0"))
+    assert problem.splitlines()[0] == (
+        "TypeError: LabelEncoder.fit_transform() takes 2 positional arguments but 3 were given "
+        "(LabelEncoder encodes a target, not feature columns: in a ColumnTransformer use "
+        "OneHotEncoder(handle_unknown='ignore') or OrdinalEncoder(handle_unknown="
+        "'use_encoded_value', unknown_value=-1))"), problem
 
 
 @needs_data

@@ -523,7 +523,7 @@ class TabularTask(FixedSplits):
         if not result.ok and (result.error or "").startswith("timeout after"):
             return _Outcome(self.floor, error=self.time_limit.exceeded(n_calls, TIME_ADVICE))
         if not result.ok:
-            return _Outcome(self.floor, error=text_hint(import_hint(result.error or "failed"),
+            return _Outcome(self.floor, error=text_hint(misuse_hint(import_hint(result.error or "failed")),
                                                         self.labeled, self.definition.target, source),
                             traceback=result.traceback_tail or _tail(result.stderr_tail, 8))
         value = result.value if isinstance(result.value, dict) else {}
@@ -747,6 +747,23 @@ _TEXT_VALUE = re.compile(r"ValueError: could not convert string to float: '(.{1,
 
 def _import_line(name: str) -> str | None:
     return _IMPORTABLE.get(name) or _sklearn_names().get(name)
+
+
+# LabelEncoder / LabelBinarizer encode a target: a ColumnTransformer calls fit_transform(X, y)
+_TARGET_ENCODER = re.compile(r"TypeError: (LabelEncoder|LabelBinarizer|MultiLabelBinarizer)"
+                             r"\.fit(?:_transform)?\(\) takes 2 positional arguments but 3 were given")
+
+
+def misuse_hint(error: str) -> str:
+    """``error`` with the scikit-learn class to use instead when it is a known misuse: Qwen 1.5B
+    put ``LabelEncoder()`` in a ColumnTransformer and, told only that ``fit_transform`` takes 2
+    positional arguments, kept it in its repair."""
+    match = _TARGET_ENCODER.match(error)
+    if not match:
+        return error
+    return (f"{error} ({match.group(1)} encodes a target, not feature columns: in a "
+            "ColumnTransformer use OneHotEncoder(handle_unknown='ignore') or "
+            "OrdinalEncoder(handle_unknown='use_encoded_value', unknown_value=-1))")
 
 
 def import_hint(error: str) -> str:
