@@ -105,33 +105,37 @@ def _drop_trailing_prose(parameter: Parameter, value: str) -> tuple[str, str | N
     notes about the next function: Qwen 1.5B wrote "< reasoning>" paragraphs after each function
     of a tagged answer), and the repair note; ``value`` unchanged when it parses, or when no
     prefix that ends at an unindented line parses and defines the function."""
+    if len(value) > parameter.length_limit:  # refused for its length anyway
+        return value, None
     try:
         ast.parse(value)
         return value, None
-    except (SyntaxError, ValueError) as exc:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         failing = getattr(exc, "lineno", None)
     lines = value.split("\n")
     if not failing or failing > len(lines):
         return value, None
-    for cut in range(failing - 1, 0, -1):  # the unindented lines at or above the failing one
+    cuts = [i for i in range(failing - 1, 0, -1) if lines[i].strip() and lines[i][0] not in " \t"]
+    for cut in cuts[:PROSE_CUTS]:  # the unindented lines at or above the failing one
         line = lines[cut]
-        if not line.strip() or line[0] in " \t":
-            continue
         head = "\n".join(lines[:cut]).rstrip()
         try:
             tree = ast.parse(head)
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             continue
         if any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                and node.name == parameter.expected_function for node in tree.body):
             rest = [l for l in lines[cut:] if l.strip()]
             return head, (f"{parameter.name}: dropped {len(rest)} line(s) after the function "
-                          f"that are not Python, from `{clip_line(line)}`")
+                          f"that are not Python, from `{_clip_line(line)}`")
         return value, None
     return value, None
 
 
-def clip_line(line: str, width: int = 60) -> str:
+PROSE_CUTS = 8  # unindented lines tried as the end of the function (each try parses the value)
+
+
+def _clip_line(line: str, width: int = 60) -> str:
     line = line.strip()
     return line if len(line) <= width else line[:width - 3] + "..."
 
