@@ -624,6 +624,14 @@ def test_a_stage_that_returns_the_wrong_kind_of_thing_is_named_in_the_quick_run_
         "(LabelEncoder encodes a target, not feature columns: in a ColumnTransformer use "
         "OneHotEncoder(handle_unknown='ignore') or OrdinalEncoder(handle_unknown="
         "'use_encoded_value', unknown_value=-1))"), problem
+    # ... and it is replaced mechanically (the model moved it to another column when told): the
+    # fixed version passes the same quick run
+    values, note = task.quick_fix(ArtifactVersion({**start, "preprocess": label}, 1, parent_id="v0"),
+                                  problem)
+    assert note == ('replaced LabelEncoder() by OrdinalEncoder(handle_unknown="use_encoded_value", '
+                    'unknown_value=-1) in preprocess (LabelEncoder encodes a target, not feature columns)')
+    assert "from sklearn.preprocessing import OrdinalEncoder" in values["preprocess"]
+    assert task.precheck(ArtifactVersion(values, 1, parent_id="v0")) is None
 
 
 @needs_data

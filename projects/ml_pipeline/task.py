@@ -406,6 +406,9 @@ class TabularTask(FixedSplits):
         seen on Spaceship Titanic (it searched the current version for the import line, then it
         reverted its change); told that ``sklearn.ensemble.gradient_boosting`` does not exist, it
         kept that import in three answers out of three."""
+        encoder = _TARGET_ENCODER.match(problem)
+        if encoder:
+            return self._replace_target_encoder(version, encoder.group(1))
         name = _NAME_ERROR.match(problem)
         failed = _IMPORT_ERROR.match(problem)
         line = name and _import_line(name.group(1))
@@ -430,6 +433,28 @@ class TabularTask(FixedSplits):
             return values, f"added `{line}` to {', '.join(fixed)} (NameError: {name.group(1)})"
         return values, (f"rewrote the import from `{failed.group(1) or failed.group(3)}` in "
                         f"{', '.join(fixed)} ({problem.splitlines()[0].split(' (')[0]})")
+
+    def _replace_target_encoder(self, version: ArtifactVersion, encoder: str
+                                ) -> tuple[dict[str, str], str] | None:
+        """Each argument-less ``LabelEncoder()`` (``LabelBinarizer()``) call replaced by the
+        feature encoder that does what it was put there for (:data:`_FEATURE_ENCODERS`), with
+        its import: Qwen 1.5B, told the encoder to use instead, moved its ``LabelEncoder`` to
+        another column in both repairs. The caller prechecks the result, so a target encoder
+        that was used for the target as well is not adopted broken."""
+        replacement, line = _FEATURE_ENCODERS[encoder]
+        values, fixed = dict(version.values), []
+        for parameter in self.spec.parameters:
+            if parameter.kind != "code" or parameter.name not in values:
+                continue
+            new = replace_calls(values[parameter.name], encoder, replacement)
+            if new is not None:
+                values[parameter.name] = (add_import(new, parameter.expected_function,
+                                                     replacement.split("(")[0], line) or new)
+                fixed.append(parameter.name)
+        if not fixed:
+            return None
+        return values, (f"replaced {encoder}() by {replacement} in {', '.join(fixed)} "
+                        f"({encoder} encodes a target, not feature columns)")
 
     # --- the time limit: the task's state ---------------------------------------------------
     def trial_key(self, example: Example, context: EvalContext | None = None) -> str | None:
@@ -752,6 +777,35 @@ def _import_line(name: str) -> str | None:
 # LabelEncoder / LabelBinarizer encode a target: a ColumnTransformer calls fit_transform(X, y)
 _TARGET_ENCODER = re.compile(r"TypeError: (LabelEncoder|LabelBinarizer|MultiLabelBinarizer)"
                              r"\.fit(?:_transform)?\(\) takes 2 positional arguments but 3 were given")
+
+
+_FEATURE_ENCODERS = {
+    "LabelEncoder": ('OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1)',
+                     "from sklearn.preprocessing import OrdinalEncoder"),
+    "LabelBinarizer": ('OneHotEncoder(handle_unknown="ignore")',
+                       "from sklearn.preprocessing import OneHotEncoder"),
+}
+
+
+def replace_calls(source: str, name: str, replacement: str) -> str | None:
+    """``source`` with each argument-less call of ``name`` (``name()`` or ``module.name()``, on
+    one line) replaced by ``replacement``; ``None`` when there is none or it cannot be parsed."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # hostile input: no fix
+        return None
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and not n.args and not n.keywords
+             and ((isinstance(n.func, ast.Name) and n.func.id == name)
+                  or (isinstance(n.func, ast.Attribute) and n.func.attr == name))
+             and n.lineno == n.end_lineno]
+    if not calls:
+        return None
+    lines = source.splitlines(keepends=True)
+    for call in sorted(calls, key=lambda c: (c.lineno, c.col_offset), reverse=True):
+        text = lines[call.lineno - 1].encode()  # ast offsets count UTF-8 bytes
+        lines[call.lineno - 1] = (text[:call.col_offset] + replacement.encode()
+                                  + text[call.end_col_offset:]).decode()
+    return "".join(lines)
 
 
 def misuse_hint(error: str) -> str:
