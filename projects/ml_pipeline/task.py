@@ -436,7 +436,7 @@ class TabularTask(FixedSplits):
 
     def _replace_target_encoder(self, version: ArtifactVersion, encoder: str
                                 ) -> tuple[dict[str, str], str] | None:
-        """Each argument-less ``LabelEncoder()`` (``LabelBinarizer()``) call replaced by the
+        """Each ``LabelEncoder(...)`` (``LabelBinarizer(...)``) call replaced by the
         feature encoder that does what it was put there for (:data:`_FEATURE_ENCODERS`), with
         its import: Qwen 1.5B, told the encoder to use instead, moved its ``LabelEncoder`` to
         another column in both repairs. The caller prechecks the result, so a target encoder
@@ -548,7 +548,8 @@ class TabularTask(FixedSplits):
         if not result.ok and (result.error or "").startswith("timeout after"):
             return _Outcome(self.floor, error=self.time_limit.exceeded(n_calls, TIME_ADVICE))
         if not result.ok:
-            return _Outcome(self.floor, error=text_hint(misuse_hint(import_hint(result.error or "failed")),
+            return _Outcome(self.floor, error=text_hint(misuse_hint(import_hint(result.error or "failed"),
+                                                                    result.traceback_tail or ""),
                                                         self.labeled, self.definition.target, source),
                             traceback=result.traceback_tail or _tail(result.stderr_tail, 8))
         value = result.value if isinstance(result.value, dict) else {}
@@ -775,8 +776,12 @@ def _import_line(name: str) -> str | None:
 
 
 # LabelEncoder / LabelBinarizer encode a target: a ColumnTransformer calls fit_transform(X, y)
+# (or given a feature encoder's arguments, e.g. LabelEncoder(handle_unknown="ignore"))
 _TARGET_ENCODER = re.compile(r"TypeError: (LabelEncoder|LabelBinarizer|MultiLabelBinarizer)"
-                             r"\.fit(?:_transform)?\(\) takes 2 positional arguments but 3 were given")
+                             r"(?:\.fit(?:_transform)?\(\) takes 2 positional arguments but 3 were given"
+                             r"|\(\) takes no arguments|\.__init__\(\) got an unexpected keyword)")
+# a ColumnTransformer entry written as (name, transformer), without its columns
+_UNPACK = re.compile(r"ValueError: (?:not enough|too many) values to unpack \(expected 3, got \d\)")
 
 
 _FEATURE_ENCODERS = {
@@ -788,16 +793,20 @@ _FEATURE_ENCODERS = {
 
 
 def replace_calls(source: str, name: str, replacement: str) -> str | None:
-    """``source`` with each argument-less call of ``name`` (``name()`` or ``module.name()``, on
-    one line) replaced by ``replacement``; ``None`` when there is none or it cannot be parsed."""
+    """``source`` with each call of ``name`` (``name(...)`` or ``module.name(...)``, on one
+    line; its arguments dropped) replaced by ``replacement``; ``None`` when there is none or it
+    cannot be parsed."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # hostile input: no fix
         return None
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and not n.args and not n.keywords
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
              and ((isinstance(n.func, ast.Name) and n.func.id == name)
                   or (isinstance(n.func, ast.Attribute) and n.func.attr == name))
              and n.lineno == n.end_lineno]
+    calls = [c for c in calls if not any(o is not c and (o.lineno, o.col_offset) <= (c.lineno, c.col_offset)
+                                         and (c.end_lineno, c.end_col_offset) <= (o.end_lineno, o.end_col_offset)
+                                         for o in calls)]  # outermost only
     if not calls:
         return None
     lines = source.splitlines(keepends=True)
@@ -808,10 +817,15 @@ def replace_calls(source: str, name: str, replacement: str) -> str | None:
     return "".join(lines)
 
 
-def misuse_hint(error: str) -> str:
-    """``error`` with the scikit-learn class to use instead when it is a known misuse: Qwen 1.5B
-    put ``LabelEncoder()`` in a ColumnTransformer and, told only that ``fit_transform`` takes 2
-    positional arguments, kept it in its repair."""
+def misuse_hint(error: str, traceback: str = "") -> str:
+    """``error`` with what scikit-learn expects when it is a known misuse: Qwen 1.5B put
+    ``LabelEncoder()`` in a ColumnTransformer and, told only that ``fit_transform`` takes 2
+    positional arguments, kept it in its repair; it wrote a ColumnTransformer entry without its
+    columns and, told "not enough values to unpack", resent it."""
+    if _UNPACK.match(error) and "_column_transformer" in traceback:
+        return (f"{error} (each entry of a ColumnTransformer's list is a (name, transformer, "
+                "columns) triple, e.g. (\"categorical\", OneHotEncoder(handle_unknown=\"ignore\"), "
+                "categorical))")
     match = _TARGET_ENCODER.match(error)
     if not match:
         return error
