@@ -640,6 +640,11 @@ def test_a_stage_that_returns_the_wrong_kind_of_thing_is_named_in_the_quick_run_
                                problem)
     assert "handle_unknown='ignore'" not in values["preprocess"]
     assert task.precheck(ArtifactVersion(values, 1, parent_id="v0")) is None
+    multi = ArtifactVersion({**start, "preprocess": label.replace("LabelEncoder", "MultiLabelBinarizer")},
+                            1, parent_id="v0")
+    values, note = task.quick_fix(multi, "TypeError: MultiLabelBinarizer.fit_transform() takes 2 "
+                                         "positional arguments but 3 were given")
+    assert note.startswith("replaced MultiLabelBinarizer() by OneHotEncoder(")
     # a ColumnTransformer entry without its columns: what an entry is
     pair = start["preprocess"].replace('SimpleImputer(strategy="median"), numeric)',
                                        'SimpleImputer(strategy="median"))')

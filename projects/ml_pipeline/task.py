@@ -789,6 +789,8 @@ _FEATURE_ENCODERS = {
                      "from sklearn.preprocessing import OrdinalEncoder"),
     "LabelBinarizer": ('OneHotEncoder(handle_unknown="ignore")',
                        "from sklearn.preprocessing import OneHotEncoder"),
+    "MultiLabelBinarizer": ('OneHotEncoder(handle_unknown="ignore")',
+                            "from sklearn.preprocessing import OneHotEncoder"),
 }
 
 
