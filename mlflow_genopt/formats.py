@@ -303,8 +303,8 @@ def tagged_grammar(spec: ArtifactSpec) -> str:
             rules.append(f"{body} ::= pline{{0,{lines}}}")
         else:  # code: imports, decorators, comments or CONSTANTS, then the function's def line
             body = f"cbody{i}"
-            rules.append(f'{body} ::= ( chead "\\n"{{1,2}} )* "def {parameter.expected_function}(" '
-                         '[^\\n]* "\\n" body')
+            rules.append(f'{body} ::= ( chead "\\n"{{1,2}} )* "async "? "def '
+                         f'{parameter.expected_function}(" [^\\n]* "\\n" body')
         rules.append(f'p{i} ::= "<{parameter.name}>\\n" {body} "</{parameter.name}>" "\\n"?')
     if any(p.kind == "prompt" for p in spec.trainable):
         rules.append(f'pline ::= ( [^<\\n] [^\\n]{{0,{PROMPT_LINE_CHARS}}} | "<" [^/\\n] '

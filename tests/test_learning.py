@@ -54,7 +54,7 @@ def test_tagged_answers_for_several_functions_rewrite_only_the_ones_they_change(
     fmt = TaggedFormat()
     grammar = fmt.request(spec)["grammar"]
     assert 'root ::= "<reasoning>\\n" reasoning "</reasoning>\\n" ( p0 | p1 ){1,2}' in grammar
-    assert 'cbody0 ::= ( chead "\\n"{1,2} )* "def preprocess(" [^\\n]* "\\n" body' in grammar
+    assert 'cbody0 ::= ( chead "\\n"{1,2} )* "async "? "def preprocess(" [^\\n]* "\\n" body' in grammar
     assert '"<" ( [^/A-Za-z_\\n]' in grammar  # a code line never opens another block
     shown = fmt.instructions(spec)  # one generic block: a layout of every block was copied whole
     assert "<name>\n" in shown and "one of: preprocess, train_model" in shown
