@@ -398,7 +398,8 @@ class TabularTask(FixedSplits):
         return f"{outcome.error}\n{detail}".strip()
 
     def quick_fix(self, version: ArtifactVersion, problem: str) -> tuple[dict[str, str], str] | None:
-        """The mechanical fix of an import problem, when this environment has the name (see
+        """The mechanical fix of a target encoder used on feature columns (see
+        :func:`misuse_hint`), or of an import problem, when this environment has the name (see
         :func:`import_hint`): for a ``NameError`` the import is added at the top of each function
         that reads the name; for a ``ModuleNotFoundError`` or an ``ImportError`` ("cannot import
         name") the failing ``from ... import`` statement is rewritten to the module that has each
@@ -407,54 +408,43 @@ class TabularTask(FixedSplits):
         reverted its change); told that ``sklearn.ensemble.gradient_boosting`` does not exist, it
         kept that import in three answers out of three."""
         encoder = _TARGET_ENCODER.match(problem)
-        if encoder:
-            return self._replace_target_encoder(version, encoder.group(1))
         name = _NAME_ERROR.match(problem)
         failed = _IMPORT_ERROR.match(problem)
         line = name and _import_line(name.group(1))
-        if not line and not failed:
+        if encoder:
+            # each LabelEncoder(...) call replaced by the feature encoder that does what it was
+            # put there for, with its import: Qwen 1.5B, told the encoder to use instead, moved
+            # its LabelEncoder to another column in both repairs. The caller prechecks the
+            # result, so a target encoder also used for the target is not adopted broken.
+            replacement, import_line = _FEATURE_ENCODERS[encoder.group(1)]
+
+            def edit(source: str, function: str) -> str | None:
+                new = replace_calls(source, encoder.group(1), replacement)
+                return new and (add_import(new, function, replacement.split("(")[0], import_line) or new)
+        elif line:
+            def edit(source: str, function: str) -> str | None:
+                return add_import(source, function, name.group(1), line)
+        elif failed:
+            def edit(source: str, function: str) -> str | None:
+                return fix_imports(source, failed.group(1) or failed.group(3), failed.group(2))
+        else:
             return None
         values, fixed = dict(version.values), []
         for parameter in self.spec.parameters:
-            if parameter.kind != "code" or parameter.name not in values:
-                continue
-            if line:
-                new = add_import(values[parameter.name], parameter.expected_function,
-                                 name.group(1), line)
-            else:
-                new = fix_imports(values[parameter.name], failed.group(1) or failed.group(3),
-                                  failed.group(2))
-            if new is not None:
-                values[parameter.name] = new
-                fixed.append(parameter.name)
+            if parameter.kind == "code" and parameter.name in values:
+                new = edit(values[parameter.name], parameter.expected_function)
+                if new is not None:
+                    values[parameter.name] = new
+                    fixed.append(parameter.name)
         if not fixed:
             return None
+        if encoder:
+            return values, (f"replaced {encoder.group(1)}() by {replacement} in {', '.join(fixed)} "
+                            f"({encoder.group(1)} encodes a target, not feature columns)")
         if line:
             return values, f"added `{line}` to {', '.join(fixed)} (NameError: {name.group(1)})"
         return values, (f"rewrote the import from `{failed.group(1) or failed.group(3)}` in "
                         f"{', '.join(fixed)} ({problem.splitlines()[0].split(' (')[0]})")
-
-    def _replace_target_encoder(self, version: ArtifactVersion, encoder: str
-                                ) -> tuple[dict[str, str], str] | None:
-        """Each ``LabelEncoder(...)`` (``LabelBinarizer(...)``) call replaced by the
-        feature encoder that does what it was put there for (:data:`_FEATURE_ENCODERS`), with
-        its import: Qwen 1.5B, told the encoder to use instead, moved its ``LabelEncoder`` to
-        another column in both repairs. The caller prechecks the result, so a target encoder
-        that was used for the target as well is not adopted broken."""
-        replacement, line = _FEATURE_ENCODERS[encoder]
-        values, fixed = dict(version.values), []
-        for parameter in self.spec.parameters:
-            if parameter.kind != "code" or parameter.name not in values:
-                continue
-            new = replace_calls(values[parameter.name], encoder, replacement)
-            if new is not None:
-                values[parameter.name] = (add_import(new, parameter.expected_function,
-                                                     replacement.split("(")[0], line) or new)
-                fixed.append(parameter.name)
-        if not fixed:
-            return None
-        return values, (f"replaced {encoder}() by {replacement} in {', '.join(fixed)} "
-                        f"({encoder} encodes a target, not feature columns)")
 
     # --- the time limit: the task's state ---------------------------------------------------
     def trial_key(self, example: Example, context: EvalContext | None = None) -> str | None:
