@@ -2,8 +2,9 @@
 
 For each study (a case study and its starting artifact), each optimizer model (``embedded``:
 SmolLM2-135M, the default; ``bench``: Qwen2.5-Coder-1.5B-Instruct from ``../shared/bin/bench-llm``)
-and each cell of a small grid of loop choices (``edit_format/kN/selection/rM``: the edit format,
-candidates per step, which version a step improves, repair attempts), runs a loop per seed with a
+and each cell of a small grid of loop choices (``edit_format/kN/selection/rM[/rr]``: the edit
+format, candidates per step, which version a step improves, repair attempts, and ``/rr`` for
+``parameter_selection: round_robin``, one parameter per step), runs a loop per seed with a
 fixed number of steps and records:
 
 * first-try valid rate and valid-after-repair rate of the proposals (per candidate);
@@ -102,11 +103,16 @@ def model_spec(name: str) -> str:
 
 
 def parse_cell(cell: str) -> dict:
-    fmt, k, selection, repair = cell.split("/")
-    if not (k.startswith("k") and repair.startswith("r")):
-        raise SystemExit(f"--cells: {cell!r}: use FORMAT/kN/SELECTION/rM, e.g. tagged/k1/current/r2")
+    parts = cell.split("/")
+    scope = parts.pop() if len(parts) == 5 else "all"
+    if len(parts) != 4 or not (parts[1].startswith("k") and parts[3].startswith("r")) \
+            or scope not in ("all", "rr"):
+        raise SystemExit(f"--cells: {cell!r}: use FORMAT/kN/SELECTION/rM[/rr], e.g. "
+                         "tagged/k1/current/r2 or tagged/k1/current/r2/rr")
+    fmt, k, selection, repair = parts
     return {"edit_format": fmt, "candidates_per_step": int(k[1:]), "selection": selection,
-            "repair_attempts": int(repair[1:])}
+            "repair_attempts": int(repair[1:]),
+            "parameter_selection": "round_robin" if scope == "rr" else "all"}
 
 
 def code_version() -> str:

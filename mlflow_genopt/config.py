@@ -19,6 +19,7 @@ from .executor import check_executor
 ACCEPTANCE_RULES = ("always", "improve", "no_worse")
 EDIT_FORMATS = ("json", "tagged", "diff")
 SELECTIONS = ("current", "best", "pareto")
+PARAMETER_SELECTIONS = ("all", "round_robin")
 
 
 class ConfigError(ValueError):
@@ -105,6 +106,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "precheck": True,
     "candidates_per_step": 1,
     "selection": "current",
+    "parameter_selection": "all",
     "revert_ratio": None,
     "revert_patience": 5,
     "target_score": None,
@@ -169,6 +171,10 @@ class LoopConfig:
         per step; each valid one is scored on the batch and the best goes through acceptance.
         ``selection``: which adopted version a step improves: ``current`` (the latest), ``best``
         (best validation score) or ``pareto`` (drawn from the per-example Pareto frontier).
+        ``parameter_selection``: which trainable parameters one step may change: ``all`` (every
+        one) or ``round_robin`` (one per step, in the order of the starting artifact: step ``s``
+        edits trainable parameter ``(s - 1) mod n``, the others are shown as frozen; GEPA's
+        default ``module_selector``). With one trainable parameter the two are the same.
     Optimizer model
         ``optimizer_model`` is a model spec (see :mod:`mlflow_genopt.llm`);
         ``optimizer_n_ctx`` sets an embedded model's context window (``None``: the model's
@@ -201,6 +207,7 @@ class LoopConfig:
     precheck: bool = UNSET
     candidates_per_step: int = UNSET
     selection: str = UNSET
+    parameter_selection: str = UNSET
     revert_ratio: float | None = UNSET
     revert_patience: int = UNSET
     target_score: float | None = UNSET
@@ -256,6 +263,8 @@ class LoopConfig:
             raise ConfigError(f"precheck: must be true or false, got {self.precheck!r}")
         set_("candidates_per_step", _int("candidates_per_step", self.candidates_per_step, 1))
         set_("selection", _choice("selection", self.selection, SELECTIONS))
+        set_("parameter_selection", _choice("parameter_selection", self.parameter_selection,
+                                            PARAMETER_SELECTIONS))
         set_("revert_ratio", _float("revert_ratio", self.revert_ratio, 0, 1, optional=True))
         set_("revert_patience", _int("revert_patience", self.revert_patience, 0))
         set_("target_score", _float("target_score", self.target_score, -1e12, 1e12, optional=True))

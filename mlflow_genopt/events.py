@@ -168,6 +168,7 @@ class StepRecord:
     llm_errors: int = 0  # LLM requests that failed for good during this step
     cached_tokens: int = 0  # tokens replayed from the response cache during this step
     shrink_level: int = 0  # how far the context was shrunk to fit the optimizer's window
+    editable: tuple[str, ...] = ()  # the parameters this step could change (parameter_selection)
 
     @property
     def valid(self) -> bool:

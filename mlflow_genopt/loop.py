@@ -13,7 +13,8 @@ Guarantees
   constraints, was cut at the token limit, or equals a version the loop has already evaluated
   is repaired (``repair_attempts``) or counted (``invalid_total``), reported with its reason in
   the step record, and never evaluated.
-* Each step draws ``candidates_per_step`` candidates from the version ``selection`` picks; every
+* Each step draws ``candidates_per_step`` candidates from the version ``selection`` picks (for
+  the parameters ``parameter_selection`` lets it change: all, or one in turn); every
   valid candidate is scored on the step's batch and logged as a version; the best of them goes
   through ``acceptance``. Only adopted versions are validated.
 * Checkpoint selection: the selected version is the adopted version (the starting one
@@ -293,7 +294,8 @@ class LearningLoop:
             if self._quick_fix is not None:
                 def quick_fix(values, problem, hook=self._quick_fix, parent=parent, step=step):
                     return hook(parent.child(values, step), problem)
-        draft = self.optimizer.step(self.task.objective, self.spec, parent, trials,
+        spec = self.step_spec(step)
+        draft = self.optimizer.step(self.task.objective, spec, parent, trials,
                                     list(memory) if config.memory_size else [], seeds=seeds,
                                     known=known, precheck=precheck, quick_fix=quick_fix)
         context, proposals = draft.context, draft.proposals
@@ -411,7 +413,16 @@ class LearningLoop:
             selection=config.selection,
             cache_hits=evaluate.cache_hits,
             shrink_level=draft.level,
+            editable=tuple(p.name for p in spec.trainable),
         )
+
+    def step_spec(self, step: int) -> ArtifactSpec:
+        """The spec step ``step`` edits: every trainable parameter, or with ``parameter_selection:
+        round_robin`` the ``(step - 1) mod n``-th one (the others frozen for that step)."""
+        trainable = [p.name for p in self.spec.trainable]
+        if self.config.parameter_selection != "round_robin" or len(trainable) == 1:
+            return self.spec
+        return self.spec.with_trainable((trainable[(step - 1) % len(trainable)],))
 
 
 def _candidate_record(index: int, proposal: Proposal, version: ArtifactVersion | None = None,
