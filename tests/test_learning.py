@@ -12,7 +12,8 @@ from mlflow_genopt.formats import DiffFormat, JsonFormat, TaggedFormat, apply_ed
 from mlflow_genopt.history import History
 from mlflow_genopt.llm.base import Completion
 from mlflow_genopt.llm.scripted import ScriptedLLM
-from mlflow_genopt.loop import accept
+from mlflow_genopt.config import ConfigError
+from mlflow_genopt.loop import LearningLoop, accept
 from mlflow_genopt.optimizer import Optimizer
 from mlflow_genopt.proposals import InvalidProposal, validate_value
 from mlflow_genopt.selection import pareto_frontier, select_parent
@@ -452,6 +453,54 @@ def test_k_candidates_are_all_versions_and_the_best_on_the_batch_goes_through_ac
     assert statuses == [("accepted", True), ("rejected", False), ("rejected", False)]
     assert len({c["seed"] for c in llm.calls}) == 3  # distinct seeds
     assert all(v.version.parent_id == result.versions[0].version.version_id for v in result.versions[1:])
+
+
+# --- parameter selection (one parameter per step, in turn) ---------------------------------
+class TwoPrompts(WordTask):
+    """Two prompt parameters; a trial scores 1 when either mentions its word."""
+    spec = ArtifactSpec((Parameter("first", "prompt", "Some words."),
+                         Parameter("second", "prompt", "More words.")))
+
+    def evaluate(self, version, examples):
+        words = (version.values["first"] + " " + version.values["second"]).split()
+        return [Trial(e.id, e.input, " ".join(words), float(e.input in words), "") for e in examples]
+
+
+def _two_prompt_loop(responses, **config):
+    config = LoopConfig(**{"project": "toy", "task": "words", "init": "toy", "steps": len(responses),
+                           "batch_size": 2, "acceptance": "always", "edit_format": "tagged",
+                           "repair_attempts": 0, **config})
+    llm = ScriptedLLM(responses)
+    task = TwoPrompts(train=["alpha", "bravo"], val=["alpha", "bravo", "charlie"], test=["alpha"])
+    loop = LearningLoop(config, task, Optimizer.from_config(config, llm),
+                        {"first": "start", "second": "start"})
+    return loop, llm
+
+
+def test_round_robin_edits_one_parameter_per_step_in_turn_and_shows_the_others_frozen():
+    tagged = "<reasoning>\nr\n</reasoning>\n<{0}>\n{1}\n</{0}>\n"
+    loop, llm = _two_prompt_loop([tagged.format("first", "alpha"),
+                                  # a block for the parameter that is not this step's is ignored
+                                  tagged.format("first", "nope") + tagged.format("second", "bravo"),
+                                  tagged.format("first", "alpha charlie")],
+                                 parameter_selection="round_robin")
+    result = loop.run()
+    assert [s.editable for s in result.steps] == [("first",), ("second",), ("first",)]
+    assert [s.proposal for s in result.steps] == [{"first": "alpha"}, {"second": "bravo"},
+                                                  {"first": "alpha charlie"}]
+    assert result.selected.values == {"first": "alpha charlie", "second": "bravo"}
+    second = llm.calls[1]
+    user = second["messages"][-1]["content"]
+    trainable, frozen = user.split("# Frozen parameters")[0], user.split("# Frozen parameters")[1]
+    assert "## second (prompt)" in trainable and "## first" not in trainable
+    assert "## first (prompt)" in frozen.split("# Recent versions")[0]
+    assert "<second>" in second["grammar"] and "<first>" not in second["grammar"]
+    # all: every step may change both, and the step record says so
+    loop, llm = _two_prompt_loop([tagged.format("first", "alpha") + tagged.format("second", "bravo")])
+    [step] = loop.run().steps
+    assert step.editable == ("first", "second") and step.proposal == {"first": "alpha", "second": "bravo"}
+    with pytest.raises(ConfigError, match=r"^parameter_selection: must be one of all, round_robin"):
+        LoopConfig(project="toy", parameter_selection="random")
 
 
 # --- selection -------------------------------------------------------------------------------
