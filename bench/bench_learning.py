@@ -61,6 +61,9 @@ RESULTS = ROOT / "bench" / "results" / "learning.jsonl"
 # 100-step credit horizon of the reference study.
 BBEH_OPTIONS = {"data_dir": str(SHARED / "data" / "bbeh" / "benchmark_tasks"), "train_size": 20,
                 "val_size": 40, "test_size": 60, "answer_max_tokens": 48}
+# The ML-pipeline studies use every labelled row (8,693; validation 1,391 rows): with 2,000 rows
+# (the "@2k" rows of the results) validation had 320 rows, a standard error of about 0.023, more
+# than the effects: gradient boosting beat the random forest on 5 folds of 5 and lost on validation.
 STUDIES = {
     "bbeh/prompt_only": ("bbeh", {"task": "boolean_expressions", "init": "prompt_only",
                                   "batch_size": 3, "task_options": BBEH_OPTIONS}),
@@ -73,12 +76,10 @@ STUDIES = {
                                             "task_options": BBEH_OPTIONS}),
     "ml_pipeline/one_function": ("ml_pipeline", {
         "task": "spaceship-titanic", "init": "one_function", "batch_size": 1,
-        "task_options": {"data_dir": str(SHARED / "data" / "spaceship-titanic"),
-                         "max_train_rows": 2000}}),
+        "task_options": {"data_dir": str(SHARED / "data" / "spaceship-titanic")}}),
     "ml_pipeline/many_function": ("ml_pipeline", {
         "task": "spaceship-titanic", "init": "many_function", "batch_size": 1,
-        "task_options": {"data_dir": str(SHARED / "data" / "spaceship-titanic"),
-                         "max_train_rows": 2000}}),
+        "task_options": {"data_dir": str(SHARED / "data" / "spaceship-titanic")}}),
     "atari/pong_h100": ("atari", {"task": "Pong", "init": "single", "credit_horizon": 100,
                                   "batch_size": 1,
                                   "task_options": {"eval_episodes": 1, "eval_max_steps": 600,
@@ -257,7 +258,7 @@ def table() -> str:
     for row in rows:
         groups.setdefault((row["study"], row["model"], row["cell"], row.get("code", "?")),
                           []).append(row)
-    head = (f"{'study':28} {'model':8} {'cell':22} {'seeds':>5} {'1st-valid':>9} "
+    head = (f"{'study':28} {'model':8} {'cell':24} {'seeds':>5} {'1st-valid':>9} "
             f"{'valid':>6} {'accepted':>8} {'gain>0':>6} {'val gain':>8} {'test':>6} "
             f"{'opt calls':>9} {'task calls':>10} {'wall s':>7}  code")
     lines = [head, "-" * len(head)]
@@ -270,7 +271,7 @@ def table() -> str:
         ran = [r for r in group if not replayed(r)]  # the cost columns: runs, not replays
         mark = "" if len(ran) == len(group) else f" ({len(ran)} ran)"
         lines.append(
-            f"{study:28} {model:8} {cell:22} {len(group):>5} {rate('first_try_valid'):>9} "
+            f"{study:28} {model:8} {cell:24} {len(group):>5} {rate('first_try_valid'):>9} "
             f"{rate('valid'):>6} {sum(r.get('accepted', 0) for r in group):>8} "
             f"{sum(1 for g in gains if g is not None and g > 0):>3}/{len(group):<2} "
             f"{_mean(gains):>8} {_mean(r.get('test') for r in group):>6} "
