@@ -645,6 +645,16 @@ def test_a_stage_that_returns_the_wrong_kind_of_thing_is_named_in_the_quick_run_
     values, note = task.quick_fix(multi, "TypeError: MultiLabelBinarizer.fit_transform() takes 2 "
                                          "positional arguments but 3 were given")
     assert note.startswith("replaced MultiLabelBinarizer() by OneHotEncoder(")
+    # another function's argument read where it is not given (Qwen 1.5B: `dataset` in predict)
+    scope = start["predict"].replace("    return model.predict(X)",
+                                     "    X = X[dataset.X.columns]\n    return model.predict(X)")
+    problem = task.precheck(ArtifactVersion({**start, "predict": scope}, 1, parent_id="v0"))
+    assert problem.splitlines()[0] == ("NameError: name 'dataset' is not defined (predict(model, X) "
+                                       "is given only `model` and `X`: `dataset` does not exist there)")
+    scope = start["select_features"].replace("    X = dataset.X\n", "    X = dataset.X[columns]\n")
+    problem = task.precheck(ArtifactVersion({**start, "select_features": scope}, 1, parent_id="v0"))
+    assert problem.splitlines()[0].endswith("(select_features(dataset) is given only `dataset`: "
+                                            "`columns` does not exist there)"), problem
     # a ColumnTransformer entry without its columns: what an entry is
     pair = start["preprocess"].replace('SimpleImputer(strategy="median"), numeric)',
                                        'SimpleImputer(strategy="median"))')

@@ -771,6 +771,13 @@ _TARGET_ENCODER = re.compile(r"TypeError: (LabelEncoder|LabelBinarizer|MultiLabe
                              r"(?:\.fit(?:_transform)?\(\) takes 2 positional arguments but 3 were given"
                              r"|\(\) takes no arguments|\.__init__\(\) got an unexpected keyword)")
 # a ColumnTransformer entry written as (name, transformer), without its columns
+# what each function of the starting artifacts is given (a NameError of another one's argument
+# inside it gets its signature), and the innermost frame of generated code in a traceback
+_STAGE_ARGUMENTS = {"preprocess": ("dataset", "columns"), "select_features": ("dataset",),
+                    "create_ensemble_model": ("dataset",), "train_model": ("dataset",),
+                    "predict": ("model", "X")}
+_ALL_STAGE_ARGUMENTS = {a for args in _STAGE_ARGUMENTS.values() for a in args}
+_FRAME = re.compile(r'File "generated\.py", line \d+, in (\w+)')
 _UNPACK = re.compile(r"ValueError: (?:not enough|too many) values to unpack \(expected 3, got \d\)")
 
 
@@ -810,10 +817,18 @@ def replace_calls(source: str, name: str, replacement: str) -> str | None:
 
 
 def misuse_hint(error: str, traceback: str = "") -> str:
-    """``error`` with what scikit-learn expects when it is a known misuse: Qwen 1.5B put
+    """``error`` with what scikit-learn expects when it is a known misuse (and, for a
+    ``NameError`` of another stage's argument, what the failing function is given): Qwen 1.5B put
     ``LabelEncoder()`` in a ColumnTransformer and, told only that ``fit_transform`` takes 2
     positional arguments, kept it in its repair; it wrote a ColumnTransformer entry without its
     columns and, told "not enough values to unpack", resent it."""
+    name, frames = _NAME_ERROR.match(error), _FRAME.findall(traceback)
+    given = _STAGE_ARGUMENTS.get(frames[-1]) if frames else None
+    if name and given and name.group(1) in _ALL_STAGE_ARGUMENTS and name.group(1) not in given:
+        # Qwen 1.5B read `dataset` in predict and `columns` in select_features, then resent it
+        return (f"{error} ({frames[-1]}({', '.join(given)}) is given only "
+                f"{' and '.join(f'`{a}`' for a in given)}: `{name.group(1)}` does not exist "
+                "there)")
     if _UNPACK.match(error) and "_column_transformer" in traceback:
         return (f"{error} (each entry of a ColumnTransformer's list is a (name, transformer, "
                 "columns) triple, e.g. (\"categorical\", OneHotEncoder(handle_unknown=\"ignore\"), "
