@@ -8,11 +8,11 @@ import random
 import pytest
 
 from mlflow_genopt import ArtifactSpec, ArtifactVersion, LoopConfig, Parameter, Trial
+from mlflow_genopt.config import ConfigError
 from mlflow_genopt.formats import DiffFormat, JsonFormat, TaggedFormat, apply_edit
 from mlflow_genopt.history import History
 from mlflow_genopt.llm.base import Completion
 from mlflow_genopt.llm.scripted import ScriptedLLM
-from mlflow_genopt.config import ConfigError
 from mlflow_genopt.loop import LearningLoop, accept
 from mlflow_genopt.optimizer import Optimizer
 from mlflow_genopt.proposals import InvalidProposal, validate_value

@@ -770,7 +770,6 @@ def _import_line(name: str) -> str | None:
 _TARGET_ENCODER = re.compile(r"TypeError: (LabelEncoder|LabelBinarizer|MultiLabelBinarizer)"
                              r"(?:\.fit(?:_transform)?\(\) takes 2 positional arguments but 3 were given"
                              r"|\(\) takes no arguments|\.__init__\(\) got an unexpected keyword)")
-# a ColumnTransformer entry written as (name, transformer), without its columns
 # what each function of the starting artifacts is given (a NameError of another one's argument
 # inside it gets its signature), and the innermost frame of generated code in a traceback
 _STAGE_ARGUMENTS = {"preprocess": ("dataset", "columns"), "select_features": ("dataset",),
@@ -778,6 +777,7 @@ _STAGE_ARGUMENTS = {"preprocess": ("dataset", "columns"), "select_features": ("d
                     "predict": ("model", "X")}
 _ALL_STAGE_ARGUMENTS = {a for args in _STAGE_ARGUMENTS.values() for a in args}
 _FRAME = re.compile(r'File "generated\.py", line \d+, in (\w+)')
+# a ColumnTransformer entry written as (name, transformer), without its columns
 _UNPACK = re.compile(r"ValueError: (?:not enough|too many) values to unpack \(expected 3, got \d\)")
 
 
