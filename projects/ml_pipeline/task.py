@@ -90,6 +90,7 @@ from mlflow_genopt.sandbox import SandboxLimits, SandboxResult, run_function
 from mlflow_genopt.task import EvalContext, Example, FixedSplits, Trial
 from mlflow_genopt.time_limits import AdaptiveTimeLimit
 
+from .artifacts import MANY_FUNCTION_VALUES
 from .data import GENERIC_TASK, TASKS, TabularData, TaskDefinition, generic_definition, load_task_data
 from .metrics import METRICS, Metric, canonical_label, failure_floor, score_predictions
 
@@ -770,11 +771,11 @@ def _import_line(name: str) -> str | None:
 _TARGET_ENCODER = re.compile(r"TypeError: (LabelEncoder|LabelBinarizer|MultiLabelBinarizer)"
                              r"(?:\.fit(?:_transform)?\(\) takes 2 positional arguments but 3 were given"
                              r"|\(\) takes no arguments|\.__init__\(\) got an unexpected keyword)")
-# what each function of the starting artifacts is given (a NameError of another one's argument
-# inside it gets its signature), and the innermost frame of generated code in a traceback
-_STAGE_ARGUMENTS = {"preprocess": ("dataset", "columns"), "select_features": ("dataset",),
-                    "create_ensemble_model": ("dataset",), "train_model": ("dataset",),
-                    "predict": ("model", "X")}
+# what each function of the starting artifacts is given, read from their own `def` lines (a
+# NameError of another one's argument inside it gets its signature), and the innermost frame of
+# generated code in a traceback
+_STAGE_ARGUMENTS = {name: tuple(a.arg for a in ast.parse(source).body[0].args.args)
+                    for name, source in MANY_FUNCTION_VALUES.items()}
 _ALL_STAGE_ARGUMENTS = {a for args in _STAGE_ARGUMENTS.values() for a in args}
 _FRAME = re.compile(r'File "generated\.py", line \d+, in (\w+)')
 # a ColumnTransformer entry written as (name, transformer), without its columns
