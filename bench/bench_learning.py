@@ -289,6 +289,8 @@ def main() -> None:
     parser.add_argument("--models", default="embedded", help="embedded, bench, or model specs")
     parser.add_argument("--cells", default=",".join(DEFAULT_CELLS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed .. first-seed + seeds - 1 (a later session goes on)")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps (genopt) and "
                         "reflection calls (GEPA)")
     parser.add_argument("--gepa", action="store_true", help="also run GEPA on BBEH")
@@ -304,7 +306,7 @@ def main() -> None:
     version = code_version()  # read once: the modules were imported from this tree
     done = done_keys(version)
     for model in args.models.split(","):
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for study in studies:
                 for cell in args.cells.split(","):
                     key = f"{study}|{model}|{cell}|{seed}|{args.steps}"

@@ -112,6 +112,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "target_score": None,
     "optimizer_model": "smollm2",
     "optimizer_temperature": 0.7,
+    "repeat_temperature": 1.0,
     "optimizer_max_tokens": 768,
     "optimizer_n_ctx": None,
     "task_model": None,
@@ -178,7 +179,11 @@ class LoopConfig:
     Optimizer model
         ``optimizer_model`` is a model spec (see :mod:`mlflow_genopt.llm`);
         ``optimizer_n_ctx`` sets an embedded model's context window (``None``: the model's
-        trained window from its GGUF header, bounded by memory).
+        trained window from its GGUF header, bounded by memory). ``optimizer_temperature``
+        (0.7) samples its answers; ``repeat_temperature`` (1.0; ``None``: the same) samples the
+        repair of an answer that repeats something (it changes nothing, or equals a version
+        already evaluated or a failed proposal of the step): Qwen2.5-Coder-1.5B resent such
+        answers at 0.7 with a new seed.
     Recovery and stopping
         ``revert_ratio``: when the current version's validation score stays below
         ``revert_ratio * best`` for more than ``revert_patience`` consecutive steps, the loop
@@ -213,6 +218,7 @@ class LoopConfig:
     target_score: float | None = UNSET
     optimizer_model: str = UNSET
     optimizer_temperature: float = UNSET
+    repeat_temperature: float | None = UNSET
     optimizer_max_tokens: int = UNSET
     optimizer_n_ctx: int | None = UNSET
     task_model: str | None = UNSET
@@ -270,6 +276,8 @@ class LoopConfig:
         set_("target_score", _float("target_score", self.target_score, -1e12, 1e12, optional=True))
         set_("optimizer_model", _name("optimizer_model", self.optimizer_model))
         set_("optimizer_temperature", _float("optimizer_temperature", self.optimizer_temperature, 0, 2))
+        set_("repeat_temperature", _float("repeat_temperature", self.repeat_temperature, 0, 2,
+                                          optional=True))
         set_("optimizer_max_tokens", _int("optimizer_max_tokens", self.optimizer_max_tokens, 16))
         set_("optimizer_n_ctx", _int("optimizer_n_ctx", self.optimizer_n_ctx, 256, optional=True))
         if self.optimizer_n_ctx is not None and not _embedded(self.optimizer_model):

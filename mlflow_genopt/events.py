@@ -86,13 +86,14 @@ class Attempt:
 
     ``followup`` holds the messages sent after the step's learning context for this attempt
     (empty for the first: it was the context itself); ``invalid_reason`` is ``None`` for the
-    answer that was adopted as the candidate."""
+    answer that was adopted as the candidate. ``seed`` and ``temperature``: how it was drawn."""
 
     raw: str
     invalid_reason: str | None
     followup: tuple[Mapping[str, str], ...] = ()
     finish_reason: str | None = None
     seed: int | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)

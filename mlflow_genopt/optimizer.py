@@ -107,6 +107,7 @@ class Optimizer:
         credit_horizon: int | None = None,
         edit_format: str | EditFormat = "json",
         repair_attempts: int = 0,
+        repeat_temperature: float | None = None,
     ) -> None:
         self.llm = llm
         self.temperature = temperature
@@ -114,6 +115,7 @@ class Optimizer:
         self.credit_horizon = credit_horizon
         self.format = make_format(edit_format) if isinstance(edit_format, str) else edit_format
         self.repair_attempts = repair_attempts
+        self.repeat_temperature = temperature if repeat_temperature is None else repeat_temperature
 
     @classmethod
     def from_config(cls, config: LoopConfig, llm: LLM) -> "Optimizer":
@@ -121,7 +123,8 @@ class Optimizer:
         nothing else, decides how it builds contexts and reads answers."""
         return cls(llm, temperature=config.optimizer_temperature,
                    max_tokens=config.optimizer_max_tokens, credit_horizon=config.credit_horizon,
-                   edit_format=config.edit_format, repair_attempts=config.repair_attempts)
+                   edit_format=config.edit_format, repair_attempts=config.repair_attempts,
+                   repeat_temperature=config.repeat_temperature)
 
     # --- context ----------------------------------------------------------------------------
     def build_context(self, objective: str, spec: ArtifactSpec, current: ArtifactVersion,
@@ -169,12 +172,15 @@ class Optimizer:
                 break
             followups = {i: tuple(self._repair_messages(errors[i], fixing[i])) if errors[i] else ()
                          for i in pending}
+            temperatures = {i: self.repeat_temperature if errors[i] and errors[i][-1].repeat
+                            else self.temperature for i in pending}
             answers = self._call_all([list(context) + list(followups[i]) for i in pending],
-                                     [seeds[i] + 7 * round_ for i in pending], spec)
+                                     [seeds[i] + 7 * round_ for i in pending],
+                                     [temperatures[i] for i in pending], spec)
             for i, (completion, error) in zip(pending, answers):
-                seed = seeds[i] + 7 * round_
+                seed, temperature = seeds[i] + 7 * round_, temperatures[i]
                 if error is not None:  # the context does not fit: no repair can help
-                    attempts[i].append(Attempt("", error, followups[i], None, seed))
+                    attempts[i].append(Attempt("", error, followups[i], None, seed, temperature))
                     done[i] = Proposal("", None, "", error, _empty(self.llm), tuple(attempts[i]))
                     continue
                 raw = completion.text
@@ -183,7 +189,7 @@ class Optimizer:
                                                              precheck, fixing[i], quick_fix)
                 except InvalidProposal as exc:
                     attempts[i].append(Attempt(raw, str(exc), followups[i],
-                                               completion.finish_reason, seed))
+                                               completion.finish_reason, seed, temperature))
                     if round_ == self.repair_attempts:
                         done[i] = Proposal(raw, None, "", str(exc), completion, tuple(attempts[i]))
                     else:
@@ -191,7 +197,8 @@ class Optimizer:
                         quotable = exc.values and sum(map(len, exc.values.values())) <= _FIX_CHARS
                         fixing[i] = exc.values if quotable else {}
                     continue
-                attempts[i].append(Attempt(raw, None, followups[i], completion.finish_reason, seed))
+                attempts[i].append(Attempt(raw, None, followups[i], completion.finish_reason, seed,
+                                           temperature))
                 seen[content_hash({**current.values, **values})] = (f"candidate {i} of this step"
                                                                     + _EVALUATED)
                 done[i] = Proposal(raw, values, reasoning, None, completion, tuple(attempts[i]), repairs)
@@ -203,20 +210,21 @@ class Optimizer:
         return self.propose_candidates(context, spec, current, seeds=[seed or 0])[0]
 
     # --- internals ----------------------------------------------------------------------------
-    def _call_all(self, requests: list[list[dict[str, str]]], seeds: list[int], spec: ArtifactSpec):
+    def _call_all(self, requests: list[list[dict[str, str]]], seeds: list[int],
+                  temperatures: list[float], spec: ArtifactSpec):
         kwargs = self.format.request(spec)  # json_schema or grammar
 
-        def call(messages, seed):
+        def call(messages, seed, temperature):
             try:
-                return self.llm.complete(messages, temperature=self.temperature,
+                return self.llm.complete(messages, temperature=temperature,
                                          max_tokens=self.max_tokens, seed=seed, **kwargs), None
             except PromptTooLong as exc:
                 return None, f"learning context too long for the optimizer: {exc}"
 
         if len(requests) == 1:
-            return [call(requests[0], seeds[0])]
+            return [call(requests[0], seeds[0], temperatures[0])]
         with ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="genopt-candidate") as pool:
-            return list(pool.map(call, requests, seeds))
+            return list(pool.map(call, requests, seeds, temperatures))
 
     def _check(self, raw: str, completion: Completion, spec: ArtifactSpec,
                current: ArtifactVersion, seen: dict[str, str], precheck: Precheck | None = None,
@@ -265,11 +273,16 @@ class Optimizer:
                                       + ", ".join(p.name for p in spec.trainable))
             # Qwen 1.5B, told only that its prompt was identical, resent it in 4 of 4 repairs
             # on BBEH, reasoning that "no changes are needed"
-            raise InvalidProposal(f"proposal is identical to the current version {current.version_id}: "
-                                  "it changes nothing; write a changed value that addresses the feedback")
+            unchanged = InvalidProposal(
+                f"proposal is identical to the current version {current.version_id}: it changes "
+                "nothing; write a changed value that addresses the feedback")
+            unchanged.repeat = True
+            raise unchanged
         digest = content_hash({**current.values, **changed})
         if digest in seen:
-            raise InvalidProposal(f"proposal is identical to {seen[digest]}; propose a different change")
+            again = InvalidProposal(f"proposal is identical to {seen[digest]}; propose a different change")
+            again.repeat = True
+            raise again
         if precheck is not None:
             problem = precheck({**current.values, **changed})
             if problem and quick_fix is not None:

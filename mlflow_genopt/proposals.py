@@ -35,6 +35,10 @@ class InvalidProposal(ValueError):
         # the new values the answer made, when they exist but fail a check (a syntax error, the
         # task's quick run): the optimizer's repair then fixes them instead of starting again
         self.values: dict[str, str] | None = None
+        # the answer repeats what the optimizer was shown or already wrote (it changes nothing,
+        # or equals a known version or a failed proposal): its repair is drawn at the loop's
+        # repeat_temperature
+        self.repeat = False
 
 
 def strip_fences(text: str) -> str:

@@ -252,8 +252,9 @@ def test_diff_blocks_that_apply_are_kept_and_the_others_noted_no_op_blocks_skipp
     # nothing applies: the first miss is the reason; only no-op blocks: said so
     with pytest.raises(InvalidProposal, match="SEARCH block 1 matches nothing"):
         DiffFormat().parse(_edit("    b = 1", "    b = 2") + noop, SPEC, current)
-    with pytest.raises(InvalidProposal, match="every edit block changes nothing"):
+    with pytest.raises(InvalidProposal, match="every edit block changes nothing") as nothing:
         DiffFormat().parse(noop, SPEC, current)
+    assert nothing.value.repeat  # its repair is drawn at repeat_temperature
 
 
 def test_code_that_fails_after_parsing_is_repaired_from_that_code_or_by_a_new_edit():
@@ -312,9 +313,15 @@ def test_repairs_are_new_answers_to_the_context_listing_every_earlier_failure_wh
     same = f"<reasoning>\nr\n</reasoning>\n<train_model>\n{CURRENT.values['train_model']}\n</train_model>"
     fixed = "<reasoning>\nr\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    return 2\n</train_model>"
     llm = ScriptedLLM([broken, same, fixed])
-    [proposal] = Optimizer(llm, edit_format="tagged", repair_attempts=2).propose_candidates(
+    [proposal] = Optimizer(llm, edit_format="tagged", repair_attempts=2,
+                           repeat_temperature=1.1).propose_candidates(
         [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
     assert proposal.valid and len(proposal.attempts) == 3
+    # a repair of a syntax error is drawn like the first answer; the repair of an answer that
+    # changed nothing at repeat_temperature (Qwen 1.5B resent it at 0.7 with a new seed)
+    assert [c["temperature"] for c in llm.calls] == [0.7, 0.7, 1.1]
+    assert [a.temperature for a in proposal.attempts] == [0.7, 0.7, 1.1]
+    assert [c["seed"] for c in llm.calls] == [0, 7, 14]
     second, third = llm.calls[1]["messages"], llm.calls[2]["messages"]
     assert len(second) == len(third) == 2 and third[0]["content"] == "ctx"
     assert "[...]" not in second[1]["content"] and len(second[1]["content"]) < 3500

@@ -227,6 +227,7 @@ def test_budget_on_wall_time_stops_before_the_next_step():
     ("acceptance", "sometimes", "acceptance: must be one of always, improve, no_worse; got 'sometimes'"),
     ("credit_horizon", "abc", "credit_horizon: must be an integer >= 1 or none, got 'abc'"),
     ("optimizer_temperature", 3, "optimizer_temperature: must be a number in [0, 2], got 3"),
+    ("repeat_temperature", -1, "repeat_temperature: must be a number in [0, 2], got -1"),
     ("trainable", [""], "trainable: must be a non-empty list of parameter names or none"),
 ])
 def test_invalid_config_values_give_one_line_errors(field, value, message):

@@ -479,7 +479,7 @@ def test_misbehaving_training_code_is_contained_and_the_loop_finishes(monkeypatc
 
 
 MISSING_IMPORT = SCALED_LOGISTIC_ONE.replace("    from sklearn.linear_model import LogisticRegression\n", "")
-WRONG_KEYWORD = SCALED_LOGISTIC_ONE.replace("max_iter=2000", "max_iters=2000")
+WRONG_VALUE = SCALED_LOGISTIC_ONE.replace("max_iter=2000", "max_iter='many'")
 
 
 def test_a_missing_import_is_added_and_a_crash_goes_back_as_a_repair_never_scored(tmp_path):
@@ -499,12 +499,12 @@ def test_a_missing_import_is_added_and_a_crash_goes_back_as_a_repair_never_score
         'def train_model(dataset):\n    """Training: scaled logistic regression on every column but '
         'the identifier."""\n    from sklearn.linear_model import LogisticRegression\n')
     assert task.precheck(ArtifactVersion(values, 1, parent_id="v0")) is None
-    assert task.quick_fix(ArtifactVersion({"train_model": WRONG_KEYWORD}, 1), "TypeError: x") is None
+    assert task.quick_fix(ArtifactVersion({"train_model": WRONG_VALUE}, 1), "TypeError: x") is None
 
     # step 1: the missing import is added (a repair of the candidate, no optimizer call); step 2:
     # a crash no fix knows goes back to the optimizer with the traceback and the failed code
     optimizer = ScriptedLLM([_answer("drop", train_model=MISSING_IMPORT),
-                             _answer("typo", train_model=WRONG_KEYWORD),
+                             _answer("typo", train_model=WRONG_VALUE),
                              _answer("fixed", train_model=SCALED_LOGISTIC_ONE)])
     config = PROJECT.config(task="breast-cancer", steps=2, acceptance="always", edit_format="json",
                             task_options=_fast())
@@ -514,16 +514,56 @@ def test_a_missing_import_is_added_and_a_crash_goes_back_as_a_repair_never_score
     assert fixed.first_try_valid and fixed.repairs == (note,)
     assert fixed.proposal["train_model"] == values["train_model"]
     first, repaired = crashed.attempts
-    assert first.invalid_reason.startswith("the new version fails a quick run: TypeError")
-    assert "max_iters" in first.invalid_reason
+    assert first.invalid_reason.startswith("the new version fails a quick run: InvalidParameterError")
+    assert "'max_iter' parameter of LogisticRegression" in first.invalid_reason
     assert repaired.invalid_reason is None and crashed.valid and not crashed.first_try_valid
     followup = optimizer.calls[2]["messages"][-1]["content"]
-    assert "fails a quick run: TypeError" in followup and "LogisticRegression(max_iters" in followup
-    assert "<train_model>\n" + WRONG_KEYWORD.rstrip() + "\n</train_model>" in followup
+    assert "fails a quick run: InvalidParameterError" in followup
+    assert "LogisticRegression(max_iter='many')" in followup  # the offending line
+    assert "<train_model>\n" + WRONG_VALUE.rstrip() + "\n</train_model>" in followup
     assert len(optimizer.calls) == 3
     assert result.versions[-1].status == "accepted" and result.versions[-1].val_score > 0.88
     # scored trials: the starting version's and the two valid candidates' only
     assert all(t.error is None for step in result.steps for t in step.candidate_trials)
+
+
+FOREST_KEYWORDS = SCALED_LOGISTIC_ONE.replace(
+    "from sklearn.linear_model import LogisticRegression",
+    "from sklearn.ensemble import HistGradientBoostingClassifier").replace(
+    "LogisticRegression(max_iter=2000)",
+    "HistGradientBoostingClassifier(\n        n_estimators=50, max_iters=30,\n        random_state=0)")
+
+
+def test_an_estimator_keyword_it_does_not_take_is_renamed_to_the_near_miss_or_removed(tmp_path):
+    """Qwen 1.5B gave HistGradientBoostingClassifier the forest's ``n_estimators`` (2 of 3 seeds
+    on Spaceship Titanic) and broke the code in each repair: the quick run's TypeError is fixed
+    one keyword at a time, each fix checked by a real quick run."""
+    task = PROJECT.build_task(PROJECT.config(task="breast-cancer", task_options=_fast()))
+    broken = ArtifactVersion({"train_model": FOREST_KEYWORDS}, 1, parent_id="v0")
+    problem = task.precheck(broken)
+    assert problem.splitlines()[0] == ("TypeError: HistGradientBoostingClassifier.__init__() got an "
+                                       "unexpected keyword argument 'n_estimators'")
+    values, note = task.quick_fix(broken, problem)
+    assert note == ("removed `n_estimators=` in HistGradientBoostingClassifier(...) in train_model "
+                    "(HistGradientBoostingClassifier takes no argument n_estimators)")
+    assert "HistGradientBoostingClassifier(\n        max_iters=30,\n        random_state=0)" in values["train_model"]
+    problem = task.precheck(ArtifactVersion(values, 1, parent_id="v0"))
+    assert "unexpected keyword argument 'max_iters'" in problem.splitlines()[0]
+    values, note = task.quick_fix(ArtifactVersion(values, 1, parent_id="v0"), problem)
+    assert note.startswith("renamed `max_iters=` to `max_iter=` in HistGradientBoostingClassifier(...)")
+    assert "HistGradientBoostingClassifier(\n        max_iter=30,\n        random_state=0)" in values["train_model"]
+    assert task.precheck(ArtifactVersion(values, 1, parent_id="v0")) is None
+    # the loop applies both fixes to one answer, and the candidate is valid on its first try
+    optimizer = ScriptedLLM([_answer("boosting", train_model=FOREST_KEYWORDS)])
+    config = PROJECT.config(task="breast-cancer", steps=1, acceptance="always", edit_format="json",
+                            task_options=_fast())
+    result = run_loop(config, tracking=None, cache_dir=None, optimizer_llm=optimizer,
+                      export_dir=tmp_path / "export")
+    [candidate] = result.steps[0].candidates
+    assert candidate.first_try_valid and len(candidate.repairs) == 2
+    assert candidate.proposal["train_model"] == values["train_model"] and len(optimizer.calls) == 1
+    # a call it cannot find is no fix
+    assert task.quick_fix(ArtifactVersion({"train_model": SCALED_LOGISTIC_ONE}, 1), problem) is None
 
 
 LEGACY_MODULE = SCALED_LOGISTIC_ONE.replace(

@@ -68,8 +68,10 @@ code.
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import importlib
+import inspect
 import json
 import os
 import re
@@ -404,11 +406,13 @@ class TabularTask(FixedSplits):
         :func:`import_hint`): for a ``NameError`` the import is added at the top of each function
         that reads the name; for a ``ModuleNotFoundError`` or an ``ImportError`` ("cannot import
         name") the failing ``from ... import`` statement is rewritten to the module that has each
-        name. Qwen 1.5B, shown the error with the import to add, did not add it in either repair
+        name; an estimator given a keyword it does not take gets the near miss it meant
+        (``max_iters`` -> ``max_iter``) or none (see :data:`_UNEXPECTED_KEYWORD`). Qwen 1.5B, shown the error with the import to add, did not add it in either repair
         seen on Spaceship Titanic (it searched the current version for the import line, then it
         reverted its change); told that ``sklearn.ensemble.gradient_boosting`` does not exist, it
         kept that import in three answers out of three."""
         encoder = _TARGET_ENCODER.match(problem)
+        keyword = _UNEXPECTED_KEYWORD.match(problem)
         name = _NAME_ERROR.match(problem)
         failed = _IMPORT_ERROR.match(problem)
         line = name and _import_line(name.group(1))
@@ -422,6 +426,15 @@ class TabularTask(FixedSplits):
             def edit(source: str, function: str) -> str | None:
                 new = replace_calls(source, encoder.group(1), replacement)
                 return new and (add_import(new, function, replacement.split("(")[0], import_line) or new)
+        elif keyword:
+            # a near miss of a keyword it takes is renamed (max_iters -> max_iter), any other
+            # dropped: the estimator's default stands in for it
+            estimator, given = keyword.groups()
+            near = difflib.get_close_matches(given, _estimator_parameters(estimator), n=1, cutoff=0.8)
+            renamed = near[0] if near else None
+
+            def edit(source: str, function: str) -> str | None:
+                return edit_keyword(source, estimator, given, renamed)
         elif line:
             def edit(source: str, function: str) -> str | None:
                 return add_import(source, function, name.group(1), line)
@@ -442,6 +455,10 @@ class TabularTask(FixedSplits):
         if encoder:
             return values, (f"replaced {encoder.group(1)}() by {replacement} in {', '.join(fixed)} "
                             f"({encoder.group(1)} encodes a target, not feature columns)")
+        if keyword:
+            done = f"renamed `{given}=` to `{renamed}=`" if renamed else f"removed `{given}=`"
+            return values, (f"{done} in {estimator}(...) in {', '.join(fixed)} ({estimator} "
+                            f"takes no argument {given})")
         if line:
             return values, f"added `{line}` to {', '.join(fixed)} (NameError: {name.group(1)})"
         return values, (f"rewrote the import from `{failed.group(1) or failed.group(3)}` in "
@@ -724,11 +741,27 @@ _IMPORTABLE = {"pd": "import pandas as pd", "np": "import numpy as np",
 
 
 @functools.lru_cache(maxsize=1)
-def _sklearn_names() -> dict[str, str]:
+def _sklearn_estimators() -> dict[str, type]:
     from sklearn.utils import all_estimators
 
+    return dict(all_estimators())
+
+
+def _estimator_parameters(name: str) -> tuple[str, ...]:
+    """The keyword arguments scikit-learn's estimator ``name`` takes (none known: empty)."""
+    cls = _sklearn_estimators().get(name)
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values() if cls else ()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in parameters if p.name != "self"
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+@functools.lru_cache(maxsize=1)
+def _sklearn_names() -> dict[str, str]:
     names = {}
-    for name, cls in all_estimators():
+    for name, cls in _sklearn_estimators().items():
         module = _public_module(cls.__module__, name)
         if module:
             names[name] = f"from {module} import {name}"
@@ -759,6 +792,11 @@ def _public_module(module: str, name: str) -> str | None:
 _NAME_ERROR = re.compile(r"NameError: name '(\w+)' is not defined")
 _IMPORT_ERROR = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'"
                            r"|ImportError: cannot import name '(\w+)' from '([\w.]+)'")
+# an estimator given a keyword it does not take: Qwen 1.5B gave HistGradientBoostingClassifier
+# the forest's n_estimators in 2 of 3 one_function seeds on Spaceship Titanic, and each repair,
+# shown the error and the failed code, broke the code further (a SEARCH of lines it had not
+# written, a repeated keyword)
+_UNEXPECTED_KEYWORD = re.compile(r"TypeError: (\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
 _TEXT_VALUE = re.compile(r"ValueError: could not convert string to float: '(.{1,200}?)'(?:$|\s)")
 
 
@@ -792,6 +830,53 @@ _FEATURE_ENCODERS = {
 }
 
 
+def _calls_of(tree: ast.AST, name: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and ((isinstance(n.func, ast.Name) and n.func.id == name)
+                 or (isinstance(n.func, ast.Attribute) and n.func.attr == name))]
+
+
+def edit_keyword(source: str, name: str, keyword: str, new: str | None) -> str | None:
+    """``source`` with the keyword argument ``keyword`` of each call of ``name`` renamed to
+    ``new``, or dropped (with its comma) when ``new`` is ``None``; ``None`` when no call has it
+    or ``source`` cannot be parsed."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # hostile input: no fix
+        return None
+    data = source.encode()  # ast offsets count UTF-8 bytes within a line
+    starts = [0]
+    for line in data.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+
+    def at(line: int, col: int) -> int:
+        return starts[line - 1] + col
+
+    edits: list[tuple[int, int, bytes]] = []
+    for call in _calls_of(tree, name):
+        arguments = sorted([*call.args, *call.keywords], key=lambda a: (a.lineno, a.col_offset))
+        for i, argument in enumerate(arguments):
+            if not (isinstance(argument, ast.keyword) and argument.arg == keyword):
+                continue
+            begin, end = at(argument.lineno, argument.col_offset), at(argument.end_lineno,
+                                                                     argument.end_col_offset)
+            if new is not None:
+                edits.append((begin, begin + len(keyword), new.encode()))
+            elif i + 1 < len(arguments):  # up to the next argument
+                nxt = arguments[i + 1]
+                edits.append((begin, at(nxt.lineno, nxt.col_offset), b""))
+            elif i > 0:  # from the end of the previous one
+                prev = arguments[i - 1]
+                edits.append((at(prev.end_lineno, prev.end_col_offset), end, b""))
+            else:  # the only argument, and a trailing comma if any
+                edits.append((begin, at(call.end_lineno, call.end_col_offset) - 1, b""))
+    if not edits:
+        return None
+    for begin, end, text in sorted(edits, reverse=True):
+        data = data[:begin] + text + data[end:]
+    return data.decode()
+
+
 def replace_calls(source: str, name: str, replacement: str) -> str | None:
     """``source`` with each call of ``name`` (``name(...)`` or ``module.name(...)``, on one
     line; its arguments dropped) replaced by ``replacement``; ``None`` when there is none or it
@@ -800,10 +885,7 @@ def replace_calls(source: str, name: str, replacement: str) -> str | None:
         tree = ast.parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # hostile input: no fix
         return None
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
-             and ((isinstance(n.func, ast.Name) and n.func.id == name)
-                  or (isinstance(n.func, ast.Attribute) and n.func.attr == name))
-             and n.lineno == n.end_lineno]
+    calls = [n for n in _calls_of(tree, name) if n.lineno == n.end_lineno]
     calls = [c for c in calls if not any(o is not c and (o.lineno, o.col_offset) <= (c.lineno, c.col_offset)
                                          and (c.end_lineno, c.end_col_offset) <= (o.end_lineno, o.end_col_offset)
                                          for o in calls)]  # outermost only
