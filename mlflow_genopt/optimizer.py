@@ -232,6 +232,8 @@ class Optimizer:
         """The values ``raw`` changes (against ``current``), its reasoning and the repairs made,
         or :class:`InvalidProposal`. ``fixing``: the failed values a repair answer edits (a
         parameter it leaves out keeps its ``fixing`` value)."""
+        if completion.finish_reason == "length":
+            raise _cut(raw, self.max_tokens)
         base = ArtifactVersion({**current.values, **fixing}, current.step) if fixing else current
         try:
             answer, fallback = parse_answer(self.format, raw, spec, base)
@@ -243,9 +245,6 @@ class Optimizer:
             except InvalidProposal:
                 raise asked from None
             fixing = {}
-        if completion.finish_reason == "length":
-            raise InvalidProposal(f"answer was cut at the token limit ({self.max_tokens} tokens) "
-                                  "before it was complete; write a shorter answer")
         written = {**fixing, **answer.values}
         changed: dict[str, str] = {}
         repairs: list[str] = ([fallback] if fallback else []) + list(answer.notes)
@@ -352,6 +351,30 @@ class Optimizer:
             text += ("\nWrite a new answer to the request above that avoids these problems. "
                      + self.format.repair_hint())
         return [{"role": "user", "content": text}]
+
+
+# An answer cut at the token limit is never adopted, and its reason comes before any parse
+# error: Qwen2.5-Coder-1.5B's cut answers on Spaceship Titanic were loops (a FunctionTransformer
+# line with the index counting up, one sentence of its reasoning) to the limit, read as "answer
+# has no SEARCH/REPLACE block". A loop -- the answer's last _LOOP_LINES lines are at most half
+# as many distinct ones, by their shape (digits ignored) -- is named by its most frequent line,
+# and its repair is drawn at the repeat temperature.
+_LOOP_LINES = 24
+
+
+def _cut(raw: str, max_tokens: int) -> InvalidProposal:
+    lines = [line.strip() for line in raw.splitlines() if line.strip()][-_LOOP_LINES:]
+    shapes = [re.sub(r"\d+", "N", line) for line in lines]
+    top = max(set(shapes), key=shapes.count, default=None)
+    if top is None or len(lines) < 8 or len(set(shapes)) > len(shapes) // 2:
+        return InvalidProposal(f"answer was cut at the token limit ({max_tokens} tokens) before it "
+                               "was complete; write a shorter answer")
+    line = lines[shapes.index(top)]
+    cut = InvalidProposal(f"answer was cut at the token limit ({max_tokens} tokens): it repeated "
+                          f"a line like `{line[:80]}` until the limit; write a shorter answer that "
+                          "says each thing once")
+    cut.repeat = True
+    return cut
 
 
 def _empty(llm: LLM) -> Completion:

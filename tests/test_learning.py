@@ -420,6 +420,20 @@ def test_an_answer_cut_at_the_token_limit_is_never_adopted():
     [proposal] = optimizer.propose_candidates([{"role": "user", "content": "c"}], SPEC, CURRENT, seeds=[0])
     assert not proposal.valid and "cut at the token limit" in proposal.invalid_reason
     assert len(proposal.attempts) == 2
+    # a loop to the limit (what Qwen 1.5B's cut answers were) is named, whatever it cut off,
+    # and its repair drawn at repeat_temperature
+    loop = ("<<<<<<< SEARCH train_model\n    return 1\n=======\n    parts = [\n"
+            + "".join(f'        FunctionTransformer(lambda x: x.str.split(" ").str[{i}]),\n'
+                      for i in range(40)))
+    llm = Cut([loop, whole])
+    [proposal] = Optimizer(llm, edit_format="diff", repair_attempts=1,
+                           repeat_temperature=1.0).propose_candidates(
+        [{"role": "user", "content": "c"}], SPEC, CURRENT, seeds=[0])
+    assert proposal.attempts[0].invalid_reason == (
+        "answer was cut at the token limit (768 tokens): it repeated a line like "
+        '`FunctionTransformer(lambda x: x.str.split(" ").str[16]),` until the limit; write a '
+        "shorter answer that says each thing once")
+    assert [c["temperature"] for c in llm.calls] == [0.7, 1.0]
 
 
 def test_a_proposal_equal_to_any_evaluated_version_is_refused_and_reasked_not_rescored():
