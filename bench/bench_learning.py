@@ -189,7 +189,8 @@ def _write_details(study: str, model: str, cell: str, seed: int, result) -> None
                         "invalid_reason": c.invalid_reason, "repairs": list(c.repairs),
                         "attempts": [{"raw": a.raw, "invalid_reason": a.invalid_reason,
                                       "followup": [m["content"] for m in a.followup],
-                                      "finish_reason": a.finish_reason} for a in c.attempts]}
+                                      "finish_reason": a.finish_reason,
+                                      "temperature": a.temperature} for a in c.attempts]}
                        for c in s.candidates]} for s in result.steps]
     versions = [{"id": v.version.version_id, "status": v.status, "batch_score": v.batch_score,
                  "val_score": v.val_score} for v in result.versions]
