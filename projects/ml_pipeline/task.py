@@ -407,10 +407,11 @@ class TabularTask(FixedSplits):
         that reads the name; for a ``ModuleNotFoundError`` or an ``ImportError`` ("cannot import
         name") the failing ``from ... import`` statement is rewritten to the module that has each
         name; an estimator given a keyword it does not take gets the near miss it meant
-        (``max_iters`` -> ``max_iter``) or none (see :data:`_UNEXPECTED_KEYWORD`). Qwen 1.5B, shown the error with the import to add, did not add it in either repair
-        seen on Spaceship Titanic (it searched the current version for the import line, then it
-        reverted its change); told that ``sklearn.ensemble.gradient_boosting`` does not exist, it
-        kept that import in three answers out of three."""
+        (``max_iters`` -> ``max_iter``) or none (see :data:`_UNEXPECTED_KEYWORD`). Qwen 1.5B,
+        shown the error with the import to add, did not add it in either repair seen on
+        Spaceship Titanic (it searched the current version for the import line, then it reverted
+        its change); told that ``sklearn.ensemble.gradient_boosting`` does not exist, it kept
+        that import in three answers out of three."""
         encoder = _TARGET_ENCODER.match(problem)
         keyword = _UNEXPECTED_KEYWORD.match(problem)
         name = _NAME_ERROR.match(problem)
