@@ -395,10 +395,8 @@ class DiffFormat(EditFormat):
         if missed and not edited:
             raise missed[0]
         if not edited:
-            nothing = InvalidProposal("every edit block changes nothing (its REPLACE part equals "
-                                      "its SEARCH part)")
-            nothing.repeat = True
-            raise nothing
+            raise InvalidProposal("every edit block changes nothing (its REPLACE part equals its "
+                                  "SEARCH part)", repeat=True)
         reasoning = _block(text, "reasoning") or ""
         return Answer({name: values[name] for name in edited}, reasoning.strip()[:REASONING_CHARS],
                       tuple(f"left out edit block: {exc}" for exc in missed))

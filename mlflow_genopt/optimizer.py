@@ -272,16 +272,13 @@ class Optimizer:
                                       + ", ".join(p.name for p in spec.trainable))
             # Qwen 1.5B, told only that its prompt was identical, resent it in 4 of 4 repairs
             # on BBEH, reasoning that "no changes are needed"
-            unchanged = InvalidProposal(
-                f"proposal is identical to the current version {current.version_id}: it changes "
-                "nothing; write a changed value that addresses the feedback")
-            unchanged.repeat = True
-            raise unchanged
+            raise InvalidProposal(f"proposal is identical to the current version {current.version_id}: "
+                                  "it changes nothing; write a changed value that addresses the feedback",
+                                  repeat=True)
         digest = content_hash({**current.values, **changed})
         if digest in seen:
-            again = InvalidProposal(f"proposal is identical to {seen[digest]}; propose a different change")
-            again.repeat = True
-            raise again
+            raise InvalidProposal(f"proposal is identical to {seen[digest]}; propose a different change",
+                                  repeat=True)
         if precheck is not None:
             problem = precheck({**current.values, **changed})
             if problem and quick_fix is not None:
@@ -370,11 +367,9 @@ def _cut(raw: str, max_tokens: int) -> InvalidProposal:
         return InvalidProposal(f"answer was cut at the token limit ({max_tokens} tokens) before it "
                                "was complete; write a shorter answer")
     line = lines[shapes.index(top)]
-    cut = InvalidProposal(f"answer was cut at the token limit ({max_tokens} tokens): it repeated "
-                          f"a line like `{line[:80]}` until the limit; write a shorter answer that "
-                          "says each thing once")
-    cut.repeat = True
-    return cut
+    return InvalidProposal(f"answer was cut at the token limit ({max_tokens} tokens): it repeated "
+                           f"a line like `{line[:80]}` until the limit; write a shorter answer that "
+                           "says each thing once", repeat=True)
 
 
 def _empty(llm: LLM) -> Completion:

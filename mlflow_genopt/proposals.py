@@ -29,7 +29,7 @@ class InvalidProposal(ValueError):
     """The optimizer's answer cannot be adopted; the message is the one-line reason and
     ``detail`` (possibly empty) the lines it is about, for a repair request."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, repeat: bool = False) -> None:
         super().__init__(reason)
         self.detail = detail
         # the new values the answer made, when they exist but fail a check (a syntax error, the
@@ -38,7 +38,7 @@ class InvalidProposal(ValueError):
         # the answer repeats what the optimizer was shown or already wrote (it changes nothing,
         # or equals a known version or a failed proposal): its repair is drawn at the loop's
         # repeat_temperature
-        self.repeat = False
+        self.repeat = repeat
 
 
 def strip_fences(text: str) -> str:
