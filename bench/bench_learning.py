@@ -2,9 +2,10 @@
 
 For each study (a case study and its starting artifact), each optimizer model (``embedded``:
 SmolLM2-135M, the default; ``bench``: Qwen2.5-Coder-1.5B-Instruct from ``../shared/bin/bench-llm``)
-and each cell of a small grid of loop choices (``edit_format/kN/selection/rM[/rr]``: the edit
-format, candidates per step, which version a step improves, repair attempts, and ``/rr`` for
-``parameter_selection: round_robin``, one parameter per step), runs a loop per seed with a
+and each cell of a small grid of loop choices (``edit_format/kN/selection/rM[/rr][/nwX|/imX]``: the
+edit format, candidates per step, which version a step improves, repair attempts, ``/rr`` for
+``parameter_selection: round_robin``, one parameter per step, and ``/nwX`` or ``/imX`` for
+``acceptance: no_worse`` or ``improve`` with margin X), runs a loop per seed with a
 fixed number of steps and records:
 
 * first-try valid rate and valid-after-repair rate of the proposals (per candidate);
@@ -104,16 +105,30 @@ def model_spec(name: str) -> str:
 
 
 def parse_cell(cell: str) -> dict:
+    """``FORMAT/kN/SELECTION/rM`` and optional flags: ``rr`` (``parameter_selection:
+    round_robin``), ``nwX`` (``acceptance: no_worse`` with margin X) or ``imX`` (``improve`` with
+    margin X); without an acceptance flag the study's own rule holds."""
     parts = cell.split("/")
-    scope = parts.pop() if len(parts) == 5 else "all"
-    if len(parts) != 4 or not (parts[1].startswith("k") and parts[3].startswith("r")) \
-            or scope not in ("all", "rr"):
-        raise SystemExit(f"--cells: {cell!r}: use FORMAT/kN/SELECTION/rM[/rr], e.g. "
-                         "tagged/k1/current/r2 or tagged/k1/current/r2/rr")
-    fmt, k, selection, repair = parts
-    return {"edit_format": fmt, "candidates_per_step": int(k[1:]), "selection": selection,
-            "repair_attempts": int(repair[1:]),
-            "parameter_selection": "round_robin" if scope == "rr" else "all"}
+    usage = (f"--cells: {cell!r}: use FORMAT/kN/SELECTION/rM[/rr][/nwX|/imX], e.g. "
+             "tagged/k1/current/r2, tagged/k1/current/r2/rr or diff/k1/best/r2/nw0.005")
+    if len(parts) < 4 or not (parts[1][:1] == "k" and parts[1][1:].isdigit()
+                              and parts[3][:1] == "r" and parts[3][1:].isdigit()):
+        raise SystemExit(usage)
+    fmt, k, selection, repair = parts[:4]
+    fields = {"edit_format": fmt, "candidates_per_step": int(k[1:]), "selection": selection,
+              "repair_attempts": int(repair[1:]), "parameter_selection": "all"}
+    for flag in parts[4:]:
+        if flag == "rr":
+            fields["parameter_selection"] = "round_robin"
+        elif flag[:2] in ("nw", "im") and "acceptance" not in fields:
+            try:
+                fields["acceptance_margin"] = float(flag[2:])
+            except ValueError:
+                raise SystemExit(usage) from None
+            fields["acceptance"] = "no_worse" if flag[:2] == "nw" else "improve"
+        else:
+            raise SystemExit(usage)
+    return fields
 
 
 def code_version() -> str:
@@ -301,6 +316,8 @@ def main() -> None:
         print(table())
         return
     studies = [] if args.studies == "none" else args.studies.split(",")
+    for cell in args.cells.split(","):
+        parse_cell(cell)  # a bad cell stops here, before any run
     for study in studies:
         if study not in STUDIES:
             raise SystemExit(f"--studies: unknown {study!r}; use one of {sorted(STUDIES)}")
