@@ -182,8 +182,9 @@ class LoopConfig:
         trained window from its GGUF header, bounded by memory). ``optimizer_temperature``
         (0.7) samples its answers; ``repeat_temperature`` (1.0; ``None``: the same) samples the
         repair of an answer that repeats something (it changes nothing, or equals a version
-        already evaluated or a failed proposal of the step, or loops to the token limit):
-        Qwen2.5-Coder-1.5B resent such answers at 0.7 with a new seed.
+        already evaluated or a failed proposal of the step, or loops to the token limit, or
+        fails with the same reason as the answer before it): Qwen2.5-Coder-1.5B resent such
+        answers at 0.7 with a new seed.
     Recovery and stopping
         ``revert_ratio``: when the current version's validation score stays below
         ``revert_ratio * best`` for more than ``revert_patience`` consecutive steps, the loop

@@ -188,6 +188,10 @@ class Optimizer:
                     values, reasoning, repairs = self._check(raw, completion, spec, current, seen,
                                                              precheck, fixing[i], quick_fix)
                 except InvalidProposal as exc:
+                    if errors[i] and str(exc) == str(errors[i][-1]):
+                        # the repair failed as the answer before it did (Qwen 1.5B resent the
+                        # same broken line through 3 answers): drawn again, it would repeat it
+                        exc.repeat = True
                     attempts[i].append(Attempt(raw, str(exc), followups[i],
                                                completion.finish_reason, seed, temperature))
                     if round_ == self.repair_attempts:

@@ -304,6 +304,30 @@ def test_an_invalid_answer_goes_back_with_its_reason_and_the_offending_lines():
     assert llm.calls[1]["grammar"] == llm.calls[0]["grammar"] is not None
 
 
+def test_a_repair_that_fails_as_the_answer_before_it_did_is_redrawn_at_the_repeat_temperature():
+    # Qwen 1.5B kept the same broken line of preprocess through 3 answers on Spaceship Titanic
+    broken = "<reasoning>\nfix\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    return (1\n</train_model>"
+    again = broken.replace("fix", "fixed now")  # other words, the same broken code
+    fixed = "<reasoning>\nfix\n</reasoning>\n<train_model>\ndef train_model(dataset):\n    return 2\n</train_model>"
+    llm = ScriptedLLM([broken, again, fixed])
+    [proposal] = Optimizer(llm, edit_format="tagged", repair_attempts=2,
+                           repeat_temperature=1.1).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
+    assert proposal.valid and proposal.values["train_model"].endswith("return 2\n")
+    first, second, third = proposal.attempts
+    assert first.invalid_reason == second.invalid_reason
+    assert first.invalid_reason.startswith("train_model: SyntaxError at line 2")
+    assert [a.temperature for a in proposal.attempts] == [0.7, 0.7, 1.1]
+    # a different failure of the repair is a new mistake: drawn like the first answer
+    other = broken.replace("return (1", "return [1")
+    llm = ScriptedLLM([broken, other, fixed])
+    [proposal] = Optimizer(llm, edit_format="tagged", repair_attempts=2,
+                           repeat_temperature=1.1).propose_candidates(
+        [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
+    assert proposal.attempts[0].invalid_reason != proposal.attempts[1].invalid_reason
+    assert [c["temperature"] for c in llm.calls] == [0.7, 0.7, 0.7]
+
+
 def test_repairs_are_new_answers_to_the_context_listing_every_earlier_failure_whole_lines():
     # Qwen 1.5B resent its own quoted answer word for word; the request quotes only the lines
     # that matter, cut at a line boundary and unmarked (it copied an inline "[...]" marker)
