@@ -49,6 +49,8 @@ def test_a_config_takes_the_project_defaults_for_every_field_not_given():
     assert LoopConfig(project="atari", steps=3).credit_horizon == 100
     ml = LoopConfig(project="ml_pipeline")
     assert (ml.task, ml.init, ml.steps, ml.task_model) == ("breast-cancer", "one_function", 20, None)
+    # one fold gates, validation decides (measured: bench/bench_learning.py, README Benchmarks)
+    assert (ml.acceptance, ml.acceptance_margin, ml.selection) == ("no_worse", 0.005, "best")
     mine = LoopConfig(project="not-registered")  # a task object's loop: generic defaults
     assert (mine.task, mine.init, mine.steps, mine.batch_size) == ("default", "default", 5, 3)
     with pytest.raises(ConfigError, match=r"^project: required"):
