@@ -309,7 +309,10 @@ class LearningLoop:
                 candidates.append(_candidate_record(index, proposal))
                 memory.append(MemoryEntry(
                     f"(invalid proposal at step {step})", step, "invalid", None, None, {}, "",
-                    note=f"Rejected without evaluation: {proposal.invalid_reason}",
+                    # whose problem it was: Qwen 1.5B, shown a proposal's crash, spent 3 later
+                    # steps "fixing" it in a current version that never had it
+                    note=("Rejected without evaluation (a problem of that proposal, not of the "
+                          f"current version): {proposal.invalid_reason}"),
                 ))
                 continue
             candidate = parent.child(proposal.values, step)

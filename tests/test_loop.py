@@ -85,7 +85,7 @@ def test_malformed_proposals_are_counted_and_never_adopted():
         answer("india"),
     ]
     # the JSON format's own reasons, one answer per step (no repair round)
-    loop, _, _ = make_loop(responses, edit_format="json", repair_attempts=0)
+    loop, _, llm = make_loop(responses, edit_format="json", repair_attempts=0)
     result = loop.run()
 
     reasons = [s.invalid_reason for s in result.steps]
@@ -100,6 +100,12 @@ def test_malformed_proposals_are_counted_and_never_adopted():
     # only the starting version and the one valid proposal became versions
     assert [v.version.values["prompt"] for v in result.versions] == ["start", "india"]
     assert all(s.candidate_id is None for s in result.steps[:5])
+    # the next step reads an invalid proposal as that proposal's problem, not the current
+    # version's (Qwen 1.5B spent later steps "fixing" a proposal's crash in the current version)
+    second = llm.calls[1]["messages"][1]["content"]
+    assert ("## (invalid proposal at step 1) (step 1, invalid; batch score n/a, val score n/a)\n"
+            "Rejected without evaluation (a problem of that proposal, not of the current version): "
+            "answer is not JSON") in second
 
 
 class PolicyTask(WordTask):
