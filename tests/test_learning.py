@@ -314,7 +314,7 @@ def test_a_repair_that_fails_as_the_answer_before_it_did_is_redrawn_at_the_repea
                            repeat_temperature=1.1).propose_candidates(
         [{"role": "user", "content": "ctx"}], SPEC, CURRENT, seeds=[0])
     assert proposal.valid and proposal.values["train_model"].endswith("return 2\n")
-    first, second, third = proposal.attempts
+    first, second, _ = proposal.attempts
     assert first.invalid_reason == second.invalid_reason
     assert first.invalid_reason.startswith("train_model: SyntaxError at line 2")
     assert [a.temperature for a in proposal.attempts] == [0.7, 0.7, 1.1]
