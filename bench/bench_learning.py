@@ -274,7 +274,7 @@ def table() -> str:
     for row in rows:
         groups.setdefault((row["study"], row["model"], row["cell"], row.get("code", "?")),
                           []).append(row)
-    head = (f"{'study':28} {'model':8} {'cell':24} {'seeds':>5} {'1st-valid':>9} "
+    head = (f"{'study':28} {'model':8} {'cell':26} {'seeds':>5} {'1st-valid':>9} "
             f"{'valid':>6} {'accepted':>8} {'gain>0':>6} {'val gain':>8} {'test':>6} "
             f"{'opt calls':>9} {'task calls':>10} {'wall s':>7}  code")
     lines = [head, "-" * len(head)]
@@ -287,7 +287,7 @@ def table() -> str:
         ran = [r for r in group if not replayed(r)]  # the cost columns: runs, not replays
         mark = "" if len(ran) == len(group) else f" ({len(ran)} ran)"
         lines.append(
-            f"{study:28} {model:8} {cell:24} {len(group):>5} {rate('first_try_valid'):>9} "
+            f"{study:28} {model:8} {cell:26} {len(group):>5} {rate('first_try_valid'):>9} "
             f"{rate('valid'):>6} {sum(r.get('accepted', 0) for r in group):>8} "
             f"{sum(1 for g in gains if g is not None and g > 0):>3}/{len(group):<2} "
             f"{_mean(gains):>8} {_mean(r.get('test') for r in group):>6} "
